@@ -1,0 +1,359 @@
+"""Values that cross layers: enums for closed sets and frozen dataclasses for results.
+
+Result classes mirror the AWS KMS response shapes field for field (snake_case of
+the botocore member names), so the server can serialise them without per-operation
+code. Extra fields (for example ``KeyMetadata.current_version``) are hsmkeys' own
+and are not sent on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class KeySpec(enum.StrEnum):
+    SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    ECC_NIST_P256 = "ECC_NIST_P256"
+    ECC_NIST_P384 = "ECC_NIST_P384"
+    ECC_NIST_P521 = "ECC_NIST_P521"
+    ECC_SECG_P256K1 = "ECC_SECG_P256K1"
+    HMAC_224 = "HMAC_224"
+    HMAC_256 = "HMAC_256"
+    HMAC_384 = "HMAC_384"
+    HMAC_512 = "HMAC_512"
+
+
+class KeyUsage(enum.StrEnum):
+    ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
+    SIGN_VERIFY = "SIGN_VERIFY"
+    GENERATE_VERIFY_MAC = "GENERATE_VERIFY_MAC"
+    KEY_AGREEMENT = "KEY_AGREEMENT"
+
+
+class KeyState(enum.StrEnum):
+    ENABLED = "Enabled"
+    DISABLED = "Disabled"
+    PENDING_DELETION = "PendingDeletion"
+    # hsmkeys' own: a purge has started (HSM objects may be partly destroyed).
+    PURGING = "Purging"
+
+
+class Origin(enum.StrEnum):
+    AWS_KMS = "AWS_KMS"
+
+
+class EncryptionAlgorithm(enum.StrEnum):
+    SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+    RSAES_OAEP_SHA_1 = "RSAES_OAEP_SHA_1"
+    RSAES_OAEP_SHA_256 = "RSAES_OAEP_SHA_256"
+
+
+class SigningAlgorithm(enum.StrEnum):
+    RSASSA_PSS_SHA_256 = "RSASSA_PSS_SHA_256"
+    RSASSA_PSS_SHA_384 = "RSASSA_PSS_SHA_384"
+    RSASSA_PSS_SHA_512 = "RSASSA_PSS_SHA_512"
+    RSASSA_PKCS1_V1_5_SHA_256 = "RSASSA_PKCS1_V1_5_SHA_256"
+    RSASSA_PKCS1_V1_5_SHA_384 = "RSASSA_PKCS1_V1_5_SHA_384"
+    RSASSA_PKCS1_V1_5_SHA_512 = "RSASSA_PKCS1_V1_5_SHA_512"
+    ECDSA_SHA_256 = "ECDSA_SHA_256"
+    ECDSA_SHA_384 = "ECDSA_SHA_384"
+    ECDSA_SHA_512 = "ECDSA_SHA_512"
+
+
+class MacAlgorithm(enum.StrEnum):
+    HMAC_SHA_224 = "HMAC_SHA_224"
+    HMAC_SHA_256 = "HMAC_SHA_256"
+    HMAC_SHA_384 = "HMAC_SHA_384"
+    HMAC_SHA_512 = "HMAC_SHA_512"
+
+
+class KeyAgreementAlgorithm(enum.StrEnum):
+    ECDH = "ECDH"
+
+
+class MessageType(enum.StrEnum):
+    RAW = "RAW"
+    DIGEST = "DIGEST"
+
+
+class DataKeySpec(enum.StrEnum):
+    AES_128 = "AES_128"
+    AES_256 = "AES_256"
+
+
+class DataKeyPairSpec(enum.StrEnum):
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    ECC_NIST_P256 = "ECC_NIST_P256"
+    ECC_NIST_P384 = "ECC_NIST_P384"
+    ECC_NIST_P521 = "ECC_NIST_P521"
+    ECC_SECG_P256K1 = "ECC_SECG_P256K1"
+
+
+class RotationType(enum.StrEnum):
+    AUTOMATIC = "AUTOMATIC"
+    ON_DEMAND = "ON_DEMAND"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionRef:
+    """Names one key version's object(s) in the HSM."""
+
+    key_uuid: uuid.UUID
+    version: int
+
+    @property
+    def label(self) -> str:
+        return f"hsmkeys/{self.key_uuid}/v{self.version}"
+
+    @property
+    def object_id(self) -> bytes:
+        """CKA_ID: 16-byte UUID followed by the 4-byte big-endian version."""
+        return self.key_uuid.bytes + self.version.to_bytes(4, "big")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    tag_key: str
+    tag_value: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMetadata:
+    aws_account_id: str
+    key_id: str
+    arn: str
+    creation_date: datetime
+    enabled: bool
+    description: str
+    key_usage: KeyUsage
+    key_state: KeyState
+    origin: Origin
+    key_manager: str
+    customer_master_key_spec: KeySpec
+    key_spec: KeySpec
+    multi_region: bool = False
+    deletion_date: datetime | None = None
+    pending_deletion_window_in_days: int | None = None
+    encryption_algorithms: tuple[EncryptionAlgorithm, ...] = ()
+    signing_algorithms: tuple[SigningAlgorithm, ...] = ()
+    mac_algorithms: tuple[MacAlgorithm, ...] = ()
+    key_agreement_algorithms: tuple[KeyAgreementAlgorithm, ...] = ()
+    current_version: int = 1  # hsmkeys' own; not on the wire
+
+
+@dataclass(frozen=True, slots=True)
+class KeyListEntry:
+    key_id: str
+    key_arn: str
+
+
+@dataclass(frozen=True, slots=True)
+class AliasListEntry:
+    alias_name: str
+    alias_arn: str
+    target_key_id: str | None = None
+    creation_date: datetime | None = None
+    last_updated_date: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RotationsListEntry:
+    key_id: str
+    rotation_date: datetime
+    rotation_type: RotationType
+    key_material_id: str | None = None
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class CreateKeyResult:
+    key_metadata: KeyMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeKeyResult:
+    key_metadata: KeyMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class ListKeysResult:
+    keys: tuple[KeyListEntry, ...]
+    truncated: bool
+    next_marker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListAliasesResult:
+    aliases: tuple[AliasListEntry, ...]
+    truncated: bool
+    next_marker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListResourceTagsResult:
+    tags: tuple[Tag, ...]
+    truncated: bool
+    next_marker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptResult:
+    ciphertext_blob: bytes
+    key_id: str  # key ARN
+    encryption_algorithm: EncryptionAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptResult:
+    key_id: str  # key ARN
+    plaintext: bytes = field(repr=False)
+    encryption_algorithm: EncryptionAlgorithm
+    key_version: int = 1  # hsmkeys' own; not on the wire
+
+
+@dataclass(frozen=True, slots=True)
+class ReEncryptResult:
+    ciphertext_blob: bytes
+    source_key_id: str
+    key_id: str
+    source_encryption_algorithm: EncryptionAlgorithm
+    destination_encryption_algorithm: EncryptionAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDataKeyResult:
+    ciphertext_blob: bytes
+    plaintext: bytes = field(repr=False)
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDataKeyWithoutPlaintextResult:
+    ciphertext_blob: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRandomResult:
+    plaintext: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GetKeyRotationStatusResult:
+    key_rotation_enabled: bool
+    key_id: str
+    rotation_period_in_days: int | None = None
+    next_rotation_date: datetime | None = None
+    on_demand_rotation_start_date: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RotateKeyOnDemandResult:
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListKeyRotationsResult:
+    rotations: tuple[RotationsListEntry, ...]
+    truncated: bool
+    next_marker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleKeyDeletionResult:
+    key_id: str
+    deletion_date: datetime
+    key_state: KeyState
+    pending_window_in_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelKeyDeletionResult:
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceReport:
+    rotated: tuple[str, ...]  # key ids rotated automatically
+    purged: tuple[str, ...]  # key ids purged
+
+
+# ------------------------------------------------ asymmetric and HMAC results
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    key_id: str
+    signature: bytes
+    signing_algorithm: SigningAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    key_id: str
+    signature_valid: bool
+    signing_algorithm: SigningAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class GetPublicKeyResult:
+    key_id: str
+    public_key: bytes  # DER SubjectPublicKeyInfo
+    customer_master_key_spec: KeySpec
+    key_spec: KeySpec
+    key_usage: KeyUsage
+    encryption_algorithms: tuple[EncryptionAlgorithm, ...] = ()
+    signing_algorithms: tuple[SigningAlgorithm, ...] = ()
+    key_agreement_algorithms: tuple[KeyAgreementAlgorithm, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateMacResult:
+    mac: bytes
+    mac_algorithm: MacAlgorithm
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyMacResult:
+    key_id: str
+    mac_valid: bool
+    mac_algorithm: MacAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDataKeyPairResult:
+    private_key_ciphertext_blob: bytes
+    private_key_plaintext: bytes = field(repr=False)
+    public_key: bytes
+    key_id: str
+    key_pair_spec: DataKeyPairSpec
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDataKeyPairWithoutPlaintextResult:
+    private_key_ciphertext_blob: bytes
+    public_key: bytes
+    key_id: str
+    key_pair_spec: DataKeyPairSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DeriveSharedSecretResult:
+    key_id: str
+    shared_secret: bytes = field(repr=False)
+    key_agreement_algorithm: KeyAgreementAlgorithm
+    key_origin: Origin

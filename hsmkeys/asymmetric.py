@@ -1,0 +1,656 @@
+"""Asymmetric and HMAC operations of the KeyStore: sign/verify, public keys, RSA-OAEP,
+MACs, data key pairs and ECDH.
+
+:class:`AsymmetricOperations` is a mixin: ``KeyStore`` inherits it and provides the
+members declared at the top of the class (key resolution, usage checks, ARNs, the
+audit hook and symmetric ``encrypt``). Private and secret keys never leave the HSM:
+signing, RSA decryption, HMAC and ECDH run there; only public-key work (verification,
+RSA encryption) runs here with pyca/cryptography on the key's cached public half.
+
+Checks run in AWS KMS's order: parameter limits and enum values (ValidationException),
+then the key (NotFoundException, DisabledException, KMSInvalidStateException), then its
+usage and the algorithm for its spec (InvalidKeyUsageException), then limits that depend
+on the key (ValidationException), then ``dry_run`` (DryRunOperationException).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from hsmkeys import keyspecs
+from hsmkeys.catalog.base import KeyRecord
+from hsmkeys.errors import (
+    DryRunOperationException,
+    InvalidCiphertextException,
+    InvalidKeyUsageException,
+    KMSInternalException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+from hsmkeys.hsm.base import Hsm
+from hsmkeys.models import (
+    DataKeyPairSpec,
+    DecryptResult,
+    DeriveSharedSecretResult,
+    EncryptionAlgorithm,
+    EncryptResult,
+    GenerateDataKeyPairResult,
+    GenerateDataKeyPairWithoutPlaintextResult,
+    GenerateMacResult,
+    GetPublicKeyResult,
+    KeyAgreementAlgorithm,
+    KeySpec,
+    KeyUsage,
+    KeyVersionRef,
+    MacAlgorithm,
+    MessageType,
+    SigningAlgorithm,
+    SignResult,
+    VerifyMacResult,
+    VerifyResult,
+)
+from hsmkeys.validation import check_bytes, check_context, check_enum, check_grant_tokens
+
+__all__ = ["AsymmetricOperations"]
+
+MAX_MESSAGE = 4096  # Sign/Verify/GenerateMac/VerifyMac Message (PlaintextType)
+MAX_SIGNATURE = 6144  # Verify Signature and VerifyMac Mac (CiphertextType)
+MAX_PEER_PUBLIC_KEY = 8192  # DeriveSharedSecret PublicKey (PublicKeyType)
+
+_INVALID_CIPHERTEXT = "The ciphertext is invalid."
+
+# Hash objects are stateless descriptions, safe to share.
+_HASHES: MappingProxyType[SigningAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
+    {
+        SigningAlgorithm.RSASSA_PSS_SHA_256: hashes.SHA256(),
+        SigningAlgorithm.RSASSA_PSS_SHA_384: hashes.SHA384(),
+        SigningAlgorithm.RSASSA_PSS_SHA_512: hashes.SHA512(),
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256: hashes.SHA256(),
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384: hashes.SHA384(),
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512: hashes.SHA512(),
+        SigningAlgorithm.ECDSA_SHA_256: hashes.SHA256(),
+        SigningAlgorithm.ECDSA_SHA_384: hashes.SHA384(),
+        SigningAlgorithm.ECDSA_SHA_512: hashes.SHA512(),
+    }
+)
+_PSS = frozenset(
+    {
+        SigningAlgorithm.RSASSA_PSS_SHA_256,
+        SigningAlgorithm.RSASSA_PSS_SHA_384,
+        SigningAlgorithm.RSASSA_PSS_SHA_512,
+    }
+)
+_PKCS1 = frozenset(
+    {
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256,
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384,
+        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512,
+    }
+)
+_OAEP_HASHES: MappingProxyType[EncryptionAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
+    {
+        EncryptionAlgorithm.RSAES_OAEP_SHA_1: hashes.SHA1(),
+        EncryptionAlgorithm.RSAES_OAEP_SHA_256: hashes.SHA256(),
+    }
+)
+_CURVES: MappingProxyType[KeySpec, ec.EllipticCurve] = MappingProxyType(
+    {
+        KeySpec.ECC_NIST_P256: ec.SECP256R1(),
+        KeySpec.ECC_NIST_P384: ec.SECP384R1(),
+        KeySpec.ECC_NIST_P521: ec.SECP521R1(),
+        KeySpec.ECC_SECG_P256K1: ec.SECP256K1(),
+    }
+)
+
+# Values in KMS's own enums that hsmkeys does not implement: KMS accepts them as
+# parameters and then refuses them for the key, so they are not ValidationExceptions.
+_KMS_ONLY_SIGNING = frozenset(
+    {"SM2DSA", "ML_DSA_SHAKE_256", "ED25519_SHA_512", "ED25519_PH_SHA_512"}
+)
+_KMS_ONLY_ENCRYPTION = frozenset({"SM2PKE"})
+_KMS_ONLY_PAIR_SPECS = frozenset(
+    {"SM2", "ECC_NIST_EDWARDS25519", "ML_KEM_512", "ML_KEM_768", "ML_KEM_1024"}
+)
+
+_PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedPublicKey:
+    der: bytes  # DER SubjectPublicKeyInfo as the HSM returned it
+    key: _PublicKey
+
+
+class AsymmetricOperations:
+    """Sign, Verify, GetPublicKey, RSA Encrypt/Decrypt, GenerateMac, VerifyMac,
+    GenerateDataKeyPair(WithoutPlaintext) and DeriveSharedSecret for ``KeyStore``."""
+
+    # ------------------------------------------------ provided by KeyStore
+    _hsm: Hsm
+    _asym_public_keys: dict[KeyVersionRef, _CachedPublicKey]
+
+    def _usable(self, key_id: str) -> KeyRecord:
+        """The key named by key id, key ARN, alias name or alias ARN, if its state allows use."""
+        raise NotImplementedError
+
+    def _require_usage(self, key: KeyRecord, usage: KeyUsage) -> None:
+        """InvalidKeyUsageException unless ``key`` has ``usage``."""
+        raise NotImplementedError
+
+    def _arn(self, key_uuid: uuid.UUID) -> str:
+        raise NotImplementedError
+
+    def _used(self, key: KeyRecord, version: int) -> None:
+        """Record which key version the current call used (for its audit line)."""
+        raise NotImplementedError
+
+    def encrypt(
+        self,
+        *,
+        key_id: str,
+        plaintext: bytes,
+        encryption_context: Mapping[str, str] | None = None,
+        grant_tokens: Sequence[str] | None = None,
+        encryption_algorithm: str | None = None,
+    ) -> EncryptResult:
+        raise NotImplementedError
+
+    # ------------------------------------------------ Sign / Verify
+
+    def sign(
+        self,
+        *,
+        key_id: str,
+        message: bytes,
+        signing_algorithm: str,
+        message_type: str = MessageType.RAW,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> SignResult:
+        """Sign ``message`` (RAW, 1-4096 bytes, hashed here) or its digest (DIGEST) in the HSM.
+
+        RSASSA-PSS uses a salt as long as the digest; ECDSA signatures are DER. Raises
+        ValidationException (limits, unknown enum value, DIGEST of the wrong length),
+        InvalidKeyUsageException (not a SIGN_VERIFY key, or an algorithm its spec does
+        not allow), the key-state errors of ``_usable``, DryRunOperationException.
+        """
+        algorithm, digest, key = self._signing_input(
+            key_id, message, message_type, signing_algorithm, grant_tokens
+        )
+        if dry_run:
+            raise _dry_run("Sign")
+        ref = KeyVersionRef(key.key_uuid, key.current_version)
+        signature = self._hsm.sign_digest(ref, algorithm, digest)
+        self._used(key, key.current_version)
+        return SignResult(
+            key_id=self._arn(key.key_uuid), signature=signature, signing_algorithm=algorithm
+        )
+
+    def verify(
+        self,
+        *,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        signing_algorithm: str,
+        message_type: str = MessageType.RAW,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> VerifyResult:
+        """Verify ``signature`` with the key's public half; signature_valid is always True.
+
+        A signature that does not verify (or is not well formed) raises
+        KMSInvalidSignatureException; otherwise the errors of :meth:`sign`.
+        """
+        signature = check_bytes("signature", signature, min_len=1, max_len=MAX_SIGNATURE)
+        algorithm, digest, key = self._signing_input(
+            key_id, message, message_type, signing_algorithm, grant_tokens
+        )
+        if dry_run:
+            raise _dry_run("Verify")
+        public = self._public_key(key).key
+        hash_alg = _HASHES[algorithm]
+        try:
+            if isinstance(public, rsa.RSAPublicKey):
+                pad: padding.AsymmetricPadding = (
+                    padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+                    if algorithm in _PSS
+                    else padding.PKCS1v15()
+                )
+                public.verify(signature, digest, pad, Prehashed(hash_alg))
+            else:
+                public.verify(signature, digest, ec.ECDSA(Prehashed(hash_alg)))
+            valid = True
+        except (InvalidSignature, ValueError):
+            valid = False
+        # The key did its work either way; an invalid signature is the call's result.
+        self._used(key, key.current_version)
+        if not valid:
+            raise KMSInvalidSignatureException()
+        return VerifyResult(
+            key_id=self._arn(key.key_uuid), signature_valid=True, signing_algorithm=algorithm
+        )
+
+    def _signing_input(
+        self,
+        key_id: str,
+        message: bytes,
+        message_type: str,
+        signing_algorithm: str,
+        grant_tokens: Sequence[str] | None,
+    ) -> tuple[SigningAlgorithm, bytes, KeyRecord]:
+        """Checks shared by sign and verify; returns the algorithm, the digest to sign and the key."""
+        message = check_bytes("message", message, min_len=1, max_len=MAX_MESSAGE)
+        kind = check_enum(MessageType, "messageType", message_type)
+        algorithm = _signing_algorithm(signing_algorithm)
+        check_grant_tokens(grant_tokens)
+        key = self._usable(key_id)
+        self._require_usage(key, KeyUsage.SIGN_VERIFY)
+        if algorithm is None or algorithm not in keyspecs.signing_algorithms(key.spec, key.usage):
+            raise _incompatible(signing_algorithm, key.spec)
+        hash_alg = _HASHES[algorithm]
+        if kind is MessageType.DIGEST:
+            if len(message) != hash_alg.digest_size:
+                raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
+            return algorithm, message, key
+        return algorithm, hashlib.new(hash_alg.name, message).digest(), key
+
+    # ------------------------------------------------ GetPublicKey
+
+    def get_public_key(
+        self, *, key_id: str, grant_tokens: Sequence[str] | None = None
+    ) -> GetPublicKeyResult:
+        """The DER SubjectPublicKeyInfo of an RSA or ECC key with its spec, usage and algorithms.
+
+        Raises UnsupportedOperationException for symmetric and HMAC keys, and the
+        key-state errors of ``_usable``.
+        """
+        check_grant_tokens(grant_tokens)
+        key = self._usable(key_id)
+        if key.spec not in keyspecs.RSA_BITS and key.spec not in _CURVES:
+            raise UnsupportedOperationException(
+                f"{self._arn(key.key_uuid)} key spec {key.spec} has no public key; "
+                "GetPublicKey needs an asymmetric KMS key."
+            )
+        der = self._public_key(key).der
+        self._used(key, key.current_version)
+        return GetPublicKeyResult(
+            key_id=self._arn(key.key_uuid),
+            public_key=der,
+            customer_master_key_spec=key.spec,
+            key_spec=key.spec,
+            key_usage=key.usage,
+            encryption_algorithms=keyspecs.encryption_algorithms(key.spec, key.usage),
+            signing_algorithms=keyspecs.signing_algorithms(key.spec, key.usage),
+            key_agreement_algorithms=keyspecs.key_agreement_algorithms(key.spec, key.usage),
+        )
+
+    def _public_key(self, key: KeyRecord) -> _CachedPublicKey:
+        """The key's public half, read from the HSM once per process (a version never changes)."""
+        ref = KeyVersionRef(key.key_uuid, key.current_version)
+        try:
+            cache = self._asym_public_keys
+        except AttributeError:
+            cache = self._asym_public_keys = {}
+        cached = cache.get(ref)
+        if cached is None:
+            der = self._hsm.public_key(ref)
+            try:
+                loaded = serialization.load_der_public_key(der)
+            except (ValueError, UnsupportedAlgorithm):
+                raise KMSInternalException("The HSM returned a malformed public key.") from None
+            if not isinstance(loaded, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+                raise KMSInternalException("The HSM returned an unexpected public key type.")
+            cached = cache[ref] = _CachedPublicKey(der, loaded)
+        return cached
+
+    # ------------------------------------------------ RSA Encrypt / Decrypt
+
+    def _encrypt_rsa(
+        self,
+        key: KeyRecord,
+        plaintext: bytes,
+        algorithm: str | None,
+        encryption_context: Mapping[str, str] | None,
+        *,
+        dry_run: bool = False,
+    ) -> EncryptResult:
+        """RSAES-OAEP encryption with the public half of an RSA ENCRYPT_DECRYPT key.
+
+        ``algorithm`` None means SYMMETRIC_DEFAULT, as in KMS. Raises
+        ValidationException (unknown algorithm, an encryption context, plaintext empty
+        or over the OAEP limit for the key size), InvalidKeyUsageException (wrong usage,
+        SYMMETRIC_DEFAULT or another algorithm the spec does not allow),
+        DryRunOperationException.
+        """
+        oaep = self._rsa_algorithm(key, algorithm)
+        _refuse_context(encryption_context)
+        plaintext = check_bytes("plaintext", plaintext, min_len=1, max_len=MAX_MESSAGE)
+        limit = keyspecs.rsa_oaep_max_plaintext(key.spec, oaep)
+        if len(plaintext) > limit:
+            raise ValidationException(
+                f"Algorithm {oaep} and key spec {key.spec} cannot encrypt data larger than {limit} bytes."
+            )
+        if dry_run:
+            raise _dry_run("Encrypt")
+        public = self._public_key(key).key
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise KMSInternalException("The HSM returned a non-RSA public key for an RSA key.")
+        hash_alg = _OAEP_HASHES[oaep]
+        ciphertext = public.encrypt(
+            plaintext, padding.OAEP(mgf=padding.MGF1(hash_alg), algorithm=hash_alg, label=None)
+        )
+        self._used(key, key.current_version)
+        return EncryptResult(
+            ciphertext_blob=ciphertext, key_id=self._arn(key.key_uuid), encryption_algorithm=oaep
+        )
+
+    def _decrypt_rsa(
+        self,
+        key: KeyRecord,
+        ciphertext: bytes,
+        algorithm: str | None,
+        encryption_context: Mapping[str, str] | None,
+        *,
+        dry_run: bool = False,
+    ) -> DecryptResult:
+        """RSAES-OAEP decryption in the HSM with the private half of an RSA ENCRYPT_DECRYPT key.
+
+        Every ciphertext failure (length, padding, wrong key, wrong OAEP hash) is one
+        InvalidCiphertextException with one message, so nothing serves as a padding
+        oracle. ``algorithm`` None or SYMMETRIC_DEFAULT is InvalidCiphertextException
+        too: KMS reads such a ciphertext as a symmetric blob, which it is not. Also
+        raises ValidationException (unknown algorithm, an encryption context),
+        InvalidKeyUsageException (wrong usage, algorithm not for the spec),
+        DryRunOperationException.
+        """
+        if algorithm is None or algorithm == EncryptionAlgorithm.SYMMETRIC_DEFAULT:
+            self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
+            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+        oaep = self._rsa_algorithm(key, algorithm)
+        _refuse_context(encryption_context)
+        if dry_run:
+            raise _dry_run("Decrypt")
+        if len(ciphertext) != keyspecs.RSA_BITS[key.spec] // 8:
+            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+        ref = KeyVersionRef(key.key_uuid, key.current_version)
+        try:
+            plaintext = self._hsm.decrypt_rsa_oaep(ref, oaep, bytes(ciphertext))
+        except InvalidCiphertextException:
+            # Re-raised with our fixed message whatever detail the backend gave.
+            raise InvalidCiphertextException(_INVALID_CIPHERTEXT) from None
+        self._used(key, key.current_version)
+        return DecryptResult(
+            key_id=self._arn(key.key_uuid),
+            plaintext=plaintext,
+            encryption_algorithm=oaep,
+            key_version=key.current_version,
+        )
+
+    def _rsa_algorithm(self, key: KeyRecord, algorithm: str | None) -> EncryptionAlgorithm:
+        """The OAEP algorithm for an RSA ENCRYPT_DECRYPT key, or the KMS error for ``algorithm``."""
+        if algorithm is not None and algorithm not in _KMS_ONLY_ENCRYPTION:
+            check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm)
+        self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
+        name = EncryptionAlgorithm.SYMMETRIC_DEFAULT if algorithm is None else algorithm
+        if name not in _OAEP_HASHES or name not in keyspecs.encryption_algorithms(
+            key.spec, key.usage
+        ):
+            raise _incompatible(name, key.spec)
+        return EncryptionAlgorithm(name)
+
+    # ------------------------------------------------ GenerateMac / VerifyMac
+
+    def generate_mac(
+        self,
+        *,
+        message: bytes,
+        key_id: str,
+        mac_algorithm: str,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> GenerateMacResult:
+        """HMAC of ``message`` (1-4096 bytes) computed in the HSM.
+
+        Raises ValidationException (limits, unknown algorithm), InvalidKeyUsageException
+        (not a GENERATE_VERIFY_MAC key, or an algorithm other than the key spec's),
+        the key-state errors of ``_usable``, DryRunOperationException.
+        """
+        key, algorithm, message = self._mac_input(message, key_id, mac_algorithm, grant_tokens)
+        if dry_run:
+            raise _dry_run("GenerateMac")
+        mac = self._hsm.mac(KeyVersionRef(key.key_uuid, key.current_version), algorithm, message)
+        self._used(key, key.current_version)
+        return GenerateMacResult(mac=mac, mac_algorithm=algorithm, key_id=self._arn(key.key_uuid))
+
+    def verify_mac(
+        self,
+        *,
+        message: bytes,
+        key_id: str,
+        mac_algorithm: str,
+        mac: bytes,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> VerifyMacResult:
+        """Recompute the HMAC in the HSM and compare in constant time; mac_valid is always True.
+
+        A MAC that does not match raises KMSInvalidMacException; otherwise the errors of
+        :meth:`generate_mac`.
+        """
+        mac = check_bytes("mac", mac, min_len=1, max_len=MAX_SIGNATURE)
+        key, algorithm, message = self._mac_input(message, key_id, mac_algorithm, grant_tokens)
+        if dry_run:
+            raise _dry_run("VerifyMac")
+        expected = self._hsm.mac(
+            KeyVersionRef(key.key_uuid, key.current_version), algorithm, message
+        )
+        # The key did its work either way; a wrong MAC is the call's result.
+        self._used(key, key.current_version)
+        if not hmac.compare_digest(expected, mac):
+            raise KMSInvalidMacException()
+        return VerifyMacResult(
+            key_id=self._arn(key.key_uuid), mac_valid=True, mac_algorithm=algorithm
+        )
+
+    def _mac_input(
+        self, message: bytes, key_id: str, mac_algorithm: str, grant_tokens: Sequence[str] | None
+    ) -> tuple[KeyRecord, MacAlgorithm, bytes]:
+        message = check_bytes("message", message, min_len=1, max_len=MAX_MESSAGE)
+        algorithm = check_enum(MacAlgorithm, "macAlgorithm", mac_algorithm)
+        check_grant_tokens(grant_tokens)
+        key = self._usable(key_id)
+        self._require_usage(key, KeyUsage.GENERATE_VERIFY_MAC)
+        if algorithm not in keyspecs.mac_algorithms(key.spec, key.usage):
+            raise _incompatible(algorithm, key.spec)
+        return key, algorithm, message
+
+    # ------------------------------------------------ data key pairs
+
+    def generate_data_key_pair(
+        self,
+        *,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None = None,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> GenerateDataKeyPairResult:
+        """A fresh HSM-generated pair: PKCS#8 DER private key (plain and encrypted under
+        ``key_id`` exactly as :meth:`encrypt` does, so ``decrypt`` opens it) and DER SPKI
+        public key.
+
+        ``key_id`` must be a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key (InvalidKeyUsageException
+        otherwise). Raises ValidationException (unknown spec, bad context),
+        UnsupportedOperationException (a KMS pair spec hsmkeys does not offer), the
+        key-state errors of ``_usable``, DryRunOperationException.
+        """
+        spec, key = self._data_key_pair_input(
+            key_id, key_pair_spec, encryption_context, grant_tokens
+        )
+        if dry_run:
+            raise _dry_run("GenerateDataKeyPair")
+        private_der, public_der = self._hsm.generate_data_key_pair(spec)
+        sealed = self._seal_private_key(key, private_der, encryption_context, grant_tokens)
+        return GenerateDataKeyPairResult(
+            private_key_ciphertext_blob=sealed.ciphertext_blob,
+            private_key_plaintext=private_der,
+            public_key=public_der,
+            key_id=sealed.key_id,
+            key_pair_spec=spec,
+        )
+
+    def generate_data_key_pair_without_plaintext(
+        self,
+        *,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None = None,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> GenerateDataKeyPairWithoutPlaintextResult:
+        """:meth:`generate_data_key_pair` without returning the plaintext private key."""
+        spec, key = self._data_key_pair_input(
+            key_id, key_pair_spec, encryption_context, grant_tokens
+        )
+        if dry_run:
+            raise _dry_run("GenerateDataKeyPairWithoutPlaintext")
+        private_der, public_der = self._hsm.generate_data_key_pair(spec)
+        sealed = self._seal_private_key(key, private_der, encryption_context, grant_tokens)
+        return GenerateDataKeyPairWithoutPlaintextResult(
+            private_key_ciphertext_blob=sealed.ciphertext_blob,
+            public_key=public_der,
+            key_id=sealed.key_id,
+            key_pair_spec=spec,
+        )
+
+    def _data_key_pair_input(
+        self,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None,
+        grant_tokens: Sequence[str] | None,
+    ) -> tuple[DataKeyPairSpec, KeyRecord]:
+        check_context("encryptionContext", encryption_context)
+        if key_pair_spec in _KMS_ONLY_PAIR_SPECS:
+            raise UnsupportedOperationException(f"KeyPairSpec {key_pair_spec} is not supported.")
+        spec = check_enum(DataKeyPairSpec, "keyPairSpec", key_pair_spec)
+        check_grant_tokens(grant_tokens)
+        # Checked before generating so a wrong key costs no key generation (RSA-4096: seconds).
+        key = self._usable(key_id)
+        self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
+        if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
+            raise InvalidKeyUsageException(
+                f"{self._arn(key.key_uuid)} key spec {key.spec} is not valid for "
+                "GenerateDataKeyPair; a symmetric encryption KMS key is required."
+            )
+        return spec, key
+
+    def _seal_private_key(
+        self,
+        key: KeyRecord,
+        private_der: bytes,
+        encryption_context: Mapping[str, str] | None,
+        grant_tokens: Sequence[str] | None,
+    ) -> EncryptResult:
+        # By ARN, not the caller's alias: the key checked above is the key used.
+        return self.encrypt(
+            key_id=self._arn(key.key_uuid),
+            plaintext=private_der,
+            encryption_context=encryption_context,
+            grant_tokens=grant_tokens,
+        )
+
+    # ------------------------------------------------ DeriveSharedSecret
+
+    def derive_shared_secret(
+        self,
+        *,
+        key_id: str,
+        key_agreement_algorithm: str,
+        public_key: bytes,
+        grant_tokens: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> DeriveSharedSecretResult:
+        """Raw ECDH shared secret of the key's private half (in the HSM) and a peer public key.
+
+        ``public_key`` is the peer's DER SubjectPublicKeyInfo on the key's curve
+        (ValidationException otherwise, as for an unknown algorithm or a length outside
+        1-8192). Raises InvalidKeyUsageException for a key that is not KEY_AGREEMENT,
+        the key-state errors of ``_usable``, DryRunOperationException.
+        """
+        public_key = check_bytes("publicKey", public_key, min_len=1, max_len=MAX_PEER_PUBLIC_KEY)
+        algorithm = check_enum(
+            KeyAgreementAlgorithm, "keyAgreementAlgorithm", key_agreement_algorithm
+        )
+        check_grant_tokens(grant_tokens)
+        key = self._usable(key_id)
+        self._require_usage(key, KeyUsage.KEY_AGREEMENT)
+        if algorithm not in keyspecs.key_agreement_algorithms(key.spec, key.usage):
+            raise _incompatible(algorithm, key.spec)
+        peer_der = _peer_public_key(public_key, key.spec)
+        if dry_run:
+            raise _dry_run("DeriveSharedSecret")
+        secret = self._hsm.derive_ecdh(KeyVersionRef(key.key_uuid, key.current_version), peer_der)
+        self._used(key, key.current_version)
+        return DeriveSharedSecretResult(
+            key_id=self._arn(key.key_uuid),
+            shared_secret=secret,
+            key_agreement_algorithm=algorithm,
+            key_origin=key.origin,
+        )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _signing_algorithm(value: str) -> SigningAlgorithm | None:
+    """The algorithm, None for one KMS knows but hsmkeys lacks, ValidationException otherwise."""
+    if value in _KMS_ONLY_SIGNING:
+        return None
+    return check_enum(SigningAlgorithm, "signingAlgorithm", value)
+
+
+def _incompatible(algorithm: str, spec: KeySpec) -> InvalidKeyUsageException:
+    return InvalidKeyUsageException(f"Algorithm {algorithm} is incompatible with key spec {spec}.")
+
+
+def _refuse_context(encryption_context: Mapping[str, str] | None) -> None:
+    # KMS: an encryption context is valid only with symmetric encryption keys.
+    if encryption_context:
+        raise ValidationException("EncryptionContext is not supported with asymmetric KMS keys.")
+
+
+def _dry_run(operation: str) -> DryRunOperationException:
+    return DryRunOperationException(
+        f"The request would have succeeded, but the DryRun flag is set ({operation})."
+    )
+
+
+def _peer_public_key(der: bytes, spec: KeySpec) -> bytes:
+    """The peer key re-encoded as canonical DER SPKI (uncompressed point) after checking its curve."""
+    curve = _CURVES[spec]
+    try:
+        peer = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm):
+        peer = None
+    if not isinstance(peer, ec.EllipticCurvePublicKey) or peer.curve.name != curve.name:
+        raise ValidationException(
+            f"PublicKey must be a DER-encoded X.509 SubjectPublicKeyInfo of an elliptic curve "
+            f"key on {curve.name}, the curve of key spec {spec}."
+        )
+    return peer.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

@@ -1,0 +1,588 @@
+"""SQLite catalog: the embedded default (WAL mode, one BEGIN IMMEDIATE per state change).
+
+Several processes (server workers, ``hsmkeys maintain``) may open the same file; each
+commit is visible to the others at their next statement. Within a process one
+connection is shared by all threads behind a lock.
+
+Timestamps are stored as integer microseconds since the Unix epoch (UTC), so they
+round-trip exactly and compare as integers in the due-rotation / due-purge queries.
+UUIDs are stored as their canonical lower-case string, whose order is the UUID order.
+
+Errors: AlreadyExistsException (duplicate key UUID, version or alias name),
+NotFoundException (a row that must exist does not), KMSInternalException for every
+other SQLite failure (details are logged, not returned).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hsmkeys.catalog.base import AliasRecord, KeyRecord, VersionRecord
+from hsmkeys.errors import (
+    AlreadyExistsException,
+    KMSError,
+    KMSInternalException,
+    NotFoundException,
+)
+from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, Origin, RotationType
+
+_log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_SECONDS = 5.0
+
+#: Schema migrations, applied in order; migration n (1-based) brings the schema to
+#: version n. Append new tuples; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            uuid TEXT PRIMARY KEY NOT NULL,
+            spec TEXT NOT NULL,
+            usage TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            state TEXT NOT NULL,
+            description TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            current_version INTEGER NOT NULL CHECK (current_version >= 1),
+            rotation_period_days INTEGER,
+            next_rotation_at INTEGER,
+            deletion_date INTEGER,
+            pending_window_days INTEGER,
+            policy TEXT
+        )""",
+        "CREATE INDEX keys_by_rotation ON keys (state, next_rotation_at)",
+        "CREATE INDEX keys_by_deletion ON keys (state, deletion_date)",
+        """CREATE TABLE key_versions (
+            uuid TEXT NOT NULL REFERENCES keys (uuid) ON DELETE CASCADE,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            created_at INTEGER NOT NULL,
+            rotation_type TEXT,
+            PRIMARY KEY (uuid, version)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE aliases (
+            name TEXT PRIMARY KEY NOT NULL,
+            uuid TEXT NOT NULL REFERENCES keys (uuid) ON DELETE CASCADE,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX aliases_by_key ON aliases (uuid, name)",
+        """CREATE TABLE tags (
+            uuid TEXT NOT NULL REFERENCES keys (uuid) ON DELETE CASCADE,
+            tag_key TEXT NOT NULL,
+            tag_value TEXT NOT NULL,
+            PRIMARY KEY (uuid, tag_key)
+        ) WITHOUT ROWID""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_KEY_COLUMNS = (
+    "uuid, spec, usage, origin, state, description, created_at, current_version, "
+    "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy"
+)
+_GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = ?"
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPDATE_KEY = (
+    "UPDATE keys SET spec = ?, usage = ?, origin = ?, state = ?, description = ?, "
+    "created_at = ?, current_version = ?, rotation_period_days = ?, next_rotation_at = ?, "
+    "deletion_date = ?, pending_window_days = ?, policy = ? WHERE uuid = ?"
+)
+_LIST_KEYS = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid > ? ORDER BY uuid LIMIT ?"
+_DUE_ROTATION = (
+    f"SELECT {_KEY_COLUMNS} FROM keys WHERE state = ? AND next_rotation_at IS NOT NULL "
+    "AND next_rotation_at <= ? ORDER BY next_rotation_at, uuid"
+)
+_DUE_PURGE = (
+    f"SELECT {_KEY_COLUMNS} FROM keys WHERE (state = ? AND deletion_date <= ?) OR state = ? "
+    "ORDER BY deletion_date, uuid"
+)
+_INSERT_VERSION = (
+    "INSERT INTO key_versions (uuid, version, created_at, rotation_type) VALUES (?, ?, ?, ?)"
+)
+_ALIAS_COLUMNS = "name, uuid, created_at, updated_at"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+# Dict lookups are several times cheaper than Enum(value) on the get_key hot path.
+_SPECS = {m.value: m for m in KeySpec}
+_USAGES = {m.value: m for m in KeyUsage}
+_ORIGINS = {m.value: m for m in Origin}
+_STATES = {m.value: m for m in KeyState}
+_ROTATION_TYPES = {m.value: m for m in RotationType}
+
+_ALREADY_EXISTS = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
+
+
+def _to_us(when: datetime) -> int:
+    if when.tzinfo is None:
+        raise KMSInternalException("catalog timestamps must be timezone-aware")
+    return (when - _EPOCH) // _MICROSECOND
+
+
+def _to_us_or_none(when: datetime | None) -> int | None:
+    return None if when is None else _to_us(when)
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _from_us_or_none(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def _key_from_row(row: Any, key_uuid: uuid.UUID | None = None) -> KeyRecord:
+    return KeyRecord(
+        key_uuid=key_uuid if key_uuid is not None else uuid.UUID(row[0]),
+        spec=_SPECS[row[1]],
+        usage=_USAGES[row[2]],
+        origin=_ORIGINS[row[3]],
+        state=_STATES[row[4]],
+        description=row[5],
+        created_at=_EPOCH + timedelta(microseconds=row[6]),
+        current_version=row[7],
+        rotation_period_days=row[8],
+        next_rotation_at=_from_us_or_none(row[9]),
+        deletion_date=_from_us_or_none(row[10]),
+        pending_window_days=row[11],
+        policy=row[12],
+    )
+
+
+def _key_values(key: KeyRecord) -> tuple[object, ...]:
+    """Every column but uuid, in _UPDATE_KEY order."""
+    return (
+        key.spec.value,
+        key.usage.value,
+        key.origin.value,
+        key.state.value,
+        key.description,
+        _to_us(key.created_at),
+        key.current_version,
+        key.rotation_period_days,
+        _to_us_or_none(key.next_rotation_at),
+        _to_us_or_none(key.deletion_date),
+        key.pending_window_days,
+        key.policy,
+    )
+
+
+def _version_from_row(row: Any) -> VersionRecord:
+    return VersionRecord(
+        key_uuid=uuid.UUID(row[0]),
+        version=row[1],
+        created_at=_from_us(row[2]),
+        rotation_type=None if row[3] is None else _ROTATION_TYPES[row[3]],
+    )
+
+
+def _alias_from_row(row: Any) -> AliasRecord:
+    return AliasRecord(
+        name=row[0],
+        key_uuid=uuid.UUID(row[1]),
+        created_at=_from_us(row[2]),
+        updated_at=_from_us(row[3]),
+    )
+
+
+def _internal(operation: str, exc: BaseException) -> KMSInternalException:
+    _log.error("catalog_error operation=%s error=%r", operation, exc)
+    return KMSInternalException("The catalog failed; see the server log.")
+
+
+def _integrity(exc: sqlite3.IntegrityError, *, exists: str, missing: str) -> KMSError:
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in _ALREADY_EXISTS:
+        return AlreadyExistsException(exists)
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        return NotFoundException(missing)
+    return _internal("integrity", exc)
+
+
+class SqliteCatalog:
+    """The Catalog protocol over one SQLite file (or ``":memory:"`` for tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        target = str(path)
+        # RLock: transaction() holds it across the calls it encloses, which lock again.
+        self._lock = threading.RLock()
+        self._depth = 0
+        try:
+            if target != ":memory:":
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                target,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,  # autocommit; writes open BEGIN IMMEDIATE themselves
+                check_same_thread=False,  # uvicorn may run handlers on other threads; the lock serialises
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise _internal("open", exc) from exc
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._enter_wal(target)
+            # Writes are rare; FULL makes a committed key or version survive power loss.
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ------------------------------------------------------------- setup
+
+    def _enter_wal(self, target: str) -> None:
+        # Switching a fresh file to WAL returns SQLITE_BUSY at once (no busy handler)
+        # while another process holds a lock, so retry until the busy timeout.
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                row = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise _internal("open", exc) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        mode = str(row[0]).lower()
+        if mode != "wal" and not (target == ":memory:" and mode == "memory"):
+            raise _internal("open", RuntimeError(f"journal_mode is {mode}, not wal"))
+
+    def _migrate(self) -> None:
+        if self._stored_schema_version() == SCHEMA_VERSION:
+            return  # the common case takes no write lock
+        # BEGIN IMMEDIATE serialises processes opening a fresh file at the same time;
+        # the version is read again inside, so each migration runs exactly once.
+        with self._write("migrate"):
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+            )
+            current = self._stored_schema_version() or 0
+            if current > SCHEMA_VERSION:
+                raise _internal(
+                    "migrate",
+                    RuntimeError(f"schema version {current} is newer than {SCHEMA_VERSION}"),
+                )
+            for statements in MIGRATIONS[current:]:
+                for statement in statements:
+                    self._conn.execute(statement)
+            self._conn.execute(
+                "INSERT INTO schema_version (id, version) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                (SCHEMA_VERSION,),
+            )
+
+    def _stored_schema_version(self) -> int | None:
+        try:
+            row = self._conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+        except sqlite3.OperationalError:
+            return None  # no schema_version table yet: a fresh file
+        return None if row is None else int(row[0])
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version stored in the file (SCHEMA_VERSION once opened)."""
+        with self._lock:
+            return self._stored_schema_version() or 0
+
+    # ------------------------------------------------------------- transactions
+
+    def _run(self, operation: str, sql: str) -> None:
+        try:
+            self._conn.execute(sql)
+        except sqlite3.Error as exc:
+            raise _internal(operation, exc) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic write unit (BEGIN IMMEDIATE); nested use joins the outer one.
+
+        A nested block runs in a SAVEPOINT, so a nested failure undoes only that block
+        even if the outer code catches the error. Other threads wait on the lock.
+        Raises KMSInternalException if SQLite cannot begin or commit.
+        """
+        with self._lock:
+            depth = self._depth
+            savepoint = f"hsmkeys_{depth}"
+            self._run("begin", "BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {savepoint}")
+            self._depth = depth + 1
+            try:
+                yield
+            except BaseException:
+                self._depth = depth
+                self._undo(depth, savepoint)
+                raise
+            self._depth = depth
+            if depth > 0:
+                self._run("commit", f"RELEASE {savepoint}")
+                return
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._undo(0, savepoint)
+                raise _internal("commit", exc) from exc
+
+    def _undo(self, depth: int, savepoint: str) -> None:
+        try:
+            if depth > 0:
+                self._conn.execute(f"ROLLBACK TO {savepoint}")
+                self._conn.execute(f"RELEASE {savepoint}")
+            elif self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            # The original error is the one worth raising; this one is only logged.
+            _log.error("catalog_rollback_failed error=%r", exc)
+
+    @contextmanager
+    def _write(self, operation: str) -> Iterator[None]:
+        """transaction() plus the mapping of stray SQLite errors to KMSInternalException."""
+        with self.transaction():
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise _internal(operation, exc) from exc
+
+    def _read(self, operation: str, sql: str, params: tuple[object, ...]) -> list[Any]:
+        try:
+            with self._lock:
+                return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _internal(operation, exc) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ------------------------------------------------------------- keys
+
+    def insert_key(self, key: KeyRecord, first_version: VersionRecord) -> None:
+        """Raises AlreadyExistsException if the UUID is taken."""
+        if first_version.key_uuid != key.key_uuid:
+            raise KMSInternalException("first_version belongs to another key")
+        key_id = str(key.key_uuid)
+        with self._write("insert_key"):
+            try:
+                self._conn.execute(_INSERT_KEY, (key_id, *_key_values(key)))
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(
+                    exc, exists=f"Key '{key_id}' already exists.", missing=key_id
+                ) from exc
+            self._insert_version(first_version)
+
+    def get_key(self, key_uuid: uuid.UUID) -> KeyRecord | None:
+        try:
+            with self._lock:
+                row = self._conn.execute(_GET_KEY, (str(key_uuid),)).fetchone()
+            return None if row is None else _key_from_row(row, key_uuid)
+        except (sqlite3.Error, KeyError, TypeError) as exc:
+            raise _internal("get_key", exc) from exc
+
+    def update_key(self, key: KeyRecord) -> None:
+        """Raises NotFoundException if no row has ``key.key_uuid``."""
+        with self._write("update_key"):
+            cursor = self._conn.execute(_UPDATE_KEY, (*_key_values(key), str(key.key_uuid)))
+            if cursor.rowcount == 0:
+                raise NotFoundException(f"Key '{key.key_uuid}' does not exist.")
+
+    def delete_key(self, key_uuid: uuid.UUID) -> None:
+        with self._write("delete_key"):
+            # ON DELETE CASCADE removes its versions, aliases and tags.
+            self._conn.execute("DELETE FROM keys WHERE uuid = ?", (str(key_uuid),))
+
+    def list_keys(self, *, limit: int, after: uuid.UUID | None = None) -> list[KeyRecord]:
+        rows = self._read(
+            "list_keys", _LIST_KEYS, ("" if after is None else str(after), max(limit, 0))
+        )
+        return self._keys(rows, "list_keys")
+
+    def count_keys(self) -> int:
+        return int(self._read("count_keys", "SELECT count(*) FROM keys", ())[0][0])
+
+    def keys_due_rotation(self, now: datetime) -> list[KeyRecord]:
+        """Enabled keys whose next_rotation_at is set and <= now, soonest first."""
+        rows = self._read("keys_due_rotation", _DUE_ROTATION, (KeyState.ENABLED.value, _to_us(now)))
+        return self._keys(rows, "keys_due_rotation")
+
+    def keys_due_purge(self, now: datetime) -> list[KeyRecord]:
+        """PendingDeletion keys whose deletion_date <= now, and every Purging key."""
+        params = (KeyState.PENDING_DELETION.value, _to_us(now), KeyState.PURGING.value)
+        return self._keys(self._read("keys_due_purge", _DUE_PURGE, params), "keys_due_purge")
+
+    @staticmethod
+    def _keys(rows: list[Any], operation: str) -> list[KeyRecord]:
+        try:
+            return [_key_from_row(row) for row in rows]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _internal(operation, exc) from exc
+
+    # ------------------------------------------------------------- versions
+
+    def _insert_version(self, version: VersionRecord) -> None:
+        key_id = str(version.key_uuid)
+        params = (
+            key_id,
+            version.version,
+            _to_us(version.created_at),
+            None if version.rotation_type is None else version.rotation_type.value,
+        )
+        try:
+            self._conn.execute(_INSERT_VERSION, params)
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(
+                exc,
+                exists=f"Key '{key_id}' already has version {version.version}.",
+                missing=f"Key '{key_id}' does not exist.",
+            ) from exc
+
+    def add_version(self, version: VersionRecord) -> None:
+        """Record a new version and make it current, atomically.
+
+        Raises NotFoundException if the key is missing, AlreadyExistsException if the
+        version number is taken.
+        """
+        with self._write("add_version"):
+            self._insert_version(version)
+            self._conn.execute(
+                "UPDATE keys SET current_version = ? WHERE uuid = ?",
+                (version.version, str(version.key_uuid)),
+            )
+
+    def list_versions(self, key_uuid: uuid.UUID) -> list[VersionRecord]:
+        rows = self._read(
+            "list_versions",
+            "SELECT uuid, version, created_at, rotation_type FROM key_versions "
+            "WHERE uuid = ? ORDER BY version",
+            (str(key_uuid),),
+        )
+        try:
+            return [_version_from_row(row) for row in rows]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _internal("list_versions", exc) from exc
+
+    def all_version_refs(self) -> set[KeyVersionRef]:
+        rows = self._read("all_version_refs", "SELECT uuid, version FROM key_versions", ())
+        return {KeyVersionRef(uuid.UUID(row[0]), row[1]) for row in rows}
+
+    # ------------------------------------------------------------- aliases
+
+    def insert_alias(self, alias: AliasRecord) -> None:
+        """Raises AlreadyExistsException if the name is taken, NotFoundException if the key is missing."""
+        with self._write("insert_alias"):
+            try:
+                self._conn.execute(
+                    f"INSERT INTO aliases ({_ALIAS_COLUMNS}) VALUES (?, ?, ?, ?)",
+                    (
+                        alias.name,
+                        str(alias.key_uuid),
+                        _to_us(alias.created_at),
+                        _to_us(alias.updated_at),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(
+                    exc,
+                    exists=f"Alias '{alias.name}' already exists.",
+                    missing=f"Key '{alias.key_uuid}' does not exist.",
+                ) from exc
+
+    def get_alias(self, name: str) -> AliasRecord | None:
+        rows = self._read(
+            "get_alias", f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE name = ?", (name,)
+        )
+        return _alias_from_row(rows[0]) if rows else None
+
+    def update_alias(self, alias: AliasRecord) -> None:
+        """Point an alias at another key. Raises NotFoundException if the alias or key is missing."""
+        with self._write("update_alias"):
+            try:
+                cursor = self._conn.execute(
+                    "UPDATE aliases SET uuid = ?, created_at = ?, updated_at = ? WHERE name = ?",
+                    (
+                        str(alias.key_uuid),
+                        _to_us(alias.created_at),
+                        _to_us(alias.updated_at),
+                        alias.name,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(
+                    exc,
+                    exists=f"Alias '{alias.name}' already exists.",
+                    missing=f"Key '{alias.key_uuid}' does not exist.",
+                ) from exc
+            if cursor.rowcount == 0:
+                raise NotFoundException(f"Alias '{alias.name}' does not exist.")
+
+    def delete_alias(self, name: str) -> None:
+        """Raises NotFoundException if the alias does not exist (as KMS DeleteAlias does)."""
+        with self._write("delete_alias"):
+            cursor = self._conn.execute("DELETE FROM aliases WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFoundException(f"Alias '{name}' does not exist.")
+
+    def list_aliases(
+        self, *, limit: int, after: str | None = None, key_uuid: uuid.UUID | None = None
+    ) -> list[AliasRecord]:
+        """Aliases ordered by name, starting after ``after``, optionally only one key's."""
+        start = "" if after is None else after
+        if key_uuid is None:
+            sql = f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE name > ? ORDER BY name LIMIT ?"
+            params: tuple[object, ...] = (start, max(limit, 0))
+        else:
+            sql = (
+                f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE uuid = ? AND name > ? "
+                "ORDER BY name LIMIT ?"
+            )
+            params = (str(key_uuid), start, max(limit, 0))
+        return [_alias_from_row(row) for row in self._read("list_aliases", sql, params)]
+
+    def count_aliases(self, key_uuid: uuid.UUID) -> int:
+        rows = self._read(
+            "count_aliases", "SELECT count(*) FROM aliases WHERE uuid = ?", (str(key_uuid),)
+        )
+        return int(rows[0][0])
+
+    # ------------------------------------------------------------- tags
+
+    def put_tags(self, key_uuid: uuid.UUID, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags. Raises NotFoundException if the key is missing."""
+        key_id = str(key_uuid)
+        with self._write("put_tags"):
+            try:
+                self._conn.executemany(
+                    "INSERT INTO tags (uuid, tag_key, tag_value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (uuid, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                    [(key_id, k, v) for k, v in tags.items()],
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(
+                    exc, exists=key_id, missing=f"Key '{key_id}' does not exist."
+                ) from exc
+
+    def delete_tags(self, key_uuid: uuid.UUID, tag_keys: Iterable[str]) -> None:
+        """Remove the named tags; names that are not set are ignored."""
+        key_id = str(key_uuid)
+        with self._write("delete_tags"):
+            self._conn.executemany(
+                "DELETE FROM tags WHERE uuid = ? AND tag_key = ?", [(key_id, k) for k in tag_keys]
+            )
+
+    def get_tags(self, key_uuid: uuid.UUID) -> dict[str, str]:
+        """The key's tags ordered by tag key (empty for an unknown key)."""
+        rows = self._read(
+            "get_tags",
+            "SELECT tag_key, tag_value FROM tags WHERE uuid = ? ORDER BY tag_key",
+            (str(key_uuid),),
+        )
+        return {row[0]: row[1] for row in rows}

@@ -1,0 +1,979 @@
+"""The ``hsmkeys`` console script: set up, inspect and use a key store from the shell.
+
+``hsmkeys [--config F] [--json] <command>``; ``--config`` and ``--json`` may also
+follow the command. Output is for people by default; ``--json`` prints JSON, and for
+commands that are KMS operations that JSON is the AWS KMS response shape (the same
+serializer as the server, :mod:`hsmkeys.server.wire`), so ``hsmkeys keys describe K
+--json`` prints what ``aws kms describe-key`` would.
+
+Exit status: 0 success; 1 a check said no (``verify``, ``verify-mac``, ``doctor``
+found drift, ``audit verify`` found a bad line); 2 an error. Every error is one line
+on stderr, ``error: <Code>: <message>`` (a KMS error name, ``ConfigError`` or
+``InputError``), never a traceback. PINs and secrets are never printed.
+
+Tests inject the key store: ``main(argv, open_store=lambda: contextlib.nullcontext(store))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import os
+import secrets
+import string
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsmkeys.config import PrincipalSettings, Settings
+from hsmkeys.context import CallContext, call_context
+from hsmkeys.errors import (
+    ConfigError,
+    KMSError,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
+)
+from hsmkeys.keystore import KeyStore
+from hsmkeys.models import (
+    AliasListEntry,
+    KeyListEntry,
+    KeyMetadata,
+    ListAliasesResult,
+    ListKeysResult,
+    Tag,
+)
+
+__all__ = ["StoreOpener", "main"]
+
+#: Returns the key store for one command; the CLI leaves the context manager when done.
+StoreOpener = Callable[[], AbstractContextManager[KeyStore]]
+
+EXIT_OK = 0
+EXIT_NO = 1  # a verification or check answered "no"
+EXIT_ERROR = 2
+
+_PIN_BYTES = 16  # 32 hex characters; SoftHSM2 accepts 4-255
+_SECRET_LEN = 40  # as long as an AWS secret access key
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+_SYSTEM_SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
+_SYSTEM_TOKEN_DIR = Path("/var/lib/softhsm")
+
+
+class InputError(Exception):
+    """The command's own input (a file, stdin, an argument value) is unusable."""
+
+    code = "InputError"
+
+
+# ==================================================================== output
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _out_bytes(data: bytes) -> None:
+    sys.stdout.flush()  # text written before must come first
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _out_json(value: object) -> None:
+    _out(json.dumps(value, indent=2))
+
+
+def _kms_json(operation: str, result: object) -> Any:
+    """``result`` as the KMS response JSON of ``operation``, by the server's serializer."""
+    from hsmkeys.server.wire import KmsWire  # botocore's model: loaded only when needed
+
+    return json.loads(KmsWire.load().operations[operation].write(result))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _pem(der: bytes) -> str:
+    body = _b64(der)
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(["-----BEGIN PUBLIC KEY-----", *lines, "-----END PUBLIC KEY-----"])
+
+
+def _table(rows: Sequence[tuple[str, object]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        _out(f"{name:<{width}}  {value}")
+
+
+# ==================================================================== input
+
+
+def _read_input(args: argparse.Namespace) -> bytes:
+    """The bytes of ``--in FILE``, else all of stdin."""
+    if args.in_file is None:
+        return sys.stdin.buffer.read()
+    try:
+        return Path(args.in_file).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read --in {args.in_file}: {exc.strerror}") from None
+
+
+def _base64_arg(value: str) -> bytes:
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise argparse.ArgumentTypeError("not valid base64") from None
+
+
+def _pair_arg(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def _context(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    context: dict[str, str] = {}
+    for key, value in pairs:
+        if key in context:
+            raise InputError(f"--context {key} is given twice")
+        context[key] = value
+    return context
+
+
+def _alias_name(name: str) -> str:
+    return name if name.startswith("alias/") else f"alias/{name}"
+
+
+# ==================================================================== the command runner
+
+
+@dataclass
+class _Cli:
+    args: argparse.Namespace
+    opener: StoreOpener | None
+    _settings: Settings | None = None
+
+    @property
+    def as_json(self) -> bool:
+        return bool(self.args.json)
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.load(self.args.config)
+        return self._settings
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[KeyStore]:
+        opened = self.opener() if self.opener is not None else KeyStore.open(self.settings())
+        # Local CLI calls are trusted (the caller holds the PIN) and audited as such.
+        with opened as store, call_context(CallContext(source="cli")):
+            yield store
+
+
+Handler = Callable[[_Cli], int]
+
+
+# ------------------------------------------------------------------ keys
+
+
+def _print_metadata(md: KeyMetadata, *, aliases: Sequence[str] = (), tags: Sequence[Tag] = ()) -> None:
+    rows: list[tuple[str, object]] = [
+        ("KeyId", md.key_id),
+        ("Arn", md.arn),
+        ("Description", md.description or "-"),
+        ("KeySpec", md.key_spec),
+        ("KeyUsage", md.key_usage),
+        ("KeyState", md.key_state),
+        ("CreationDate", md.creation_date.isoformat()),
+        ("Version", md.current_version),
+    ]
+    if md.deletion_date is not None:
+        rows.append(("DeletionDate", md.deletion_date.isoformat()))
+    algorithms: Sequence[str] = (
+        md.encryption_algorithms or md.signing_algorithms or md.mac_algorithms or md.key_agreement_algorithms
+    )
+    if algorithms:
+        rows.append(("Algorithms", ", ".join(algorithms)))
+    if aliases:
+        rows.append(("Aliases", ", ".join(aliases)))
+    if tags:
+        rows.append(("Tags", ", ".join(f"{t.tag_key}={t.tag_value}" for t in tags)))
+    _table(rows)
+
+
+def _all_keys(store: KeyStore) -> tuple[KeyListEntry, ...]:
+    entries: list[KeyListEntry] = []
+    marker: str | None = None
+    while True:
+        page = store.list_keys(limit=1000, marker=marker)
+        entries.extend(page.keys)
+        if not page.truncated:
+            return tuple(entries)
+        marker = page.next_marker
+
+
+def _all_aliases(store: KeyStore, key_id: str | None = None) -> ListAliasesResult:
+    found: list[AliasListEntry] = []
+    marker: str | None = None
+    while True:
+        page = store.list_aliases(key_id=key_id, limit=1000, marker=marker)
+        found.extend(page.aliases)
+        if not page.truncated:
+            return ListAliasesResult(tuple(found), False)
+        marker = page.next_marker
+
+
+def _cmd_keys_create(cli: _Cli) -> int:
+    a = cli.args
+    tags = [Tag(k, v) for k, v in a.tag] if a.tag else None
+    with cli.store() as store:
+        result = store.create_key(
+            description=a.description, key_spec=a.key_spec, key_usage=a.key_usage, tags=tags
+        )
+    if cli.as_json:
+        _out_json(_kms_json("CreateKey", result))
+    else:
+        _print_metadata(result.key_metadata, tags=tags or ())
+    return EXIT_OK
+
+
+def _cmd_keys_describe(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.describe_key(key_id=cli.args.key)
+        if cli.as_json:
+            _out_json(_kms_json("DescribeKey", result))
+            return EXIT_OK
+        md = result.key_metadata
+        aliases = [a.alias_name for a in _all_aliases(store, md.key_id).aliases]
+        tags = store.list_resource_tags(key_id=md.key_id).tags
+    _print_metadata(md, aliases=aliases, tags=tags)
+    return EXIT_OK
+
+
+def _cmd_keys_list(cli: _Cli) -> int:
+    with cli.store() as store:
+        keys = _all_keys(store)
+        if cli.as_json:
+            _out_json(_kms_json("ListKeys", ListKeysResult(keys, False)))
+            return EXIT_OK
+        by_key: dict[str, list[str]] = {}
+        for alias in _all_aliases(store).aliases:
+            if alias.target_key_id is not None:
+                by_key.setdefault(alias.target_key_id, []).append(alias.alias_name)
+        rows = []
+        for entry in keys:
+            md = store.describe_key(key_id=entry.key_id).key_metadata
+            names = ",".join(by_key.get(md.key_id, [])) or "-"
+            rows.append((md.key_id, str(md.key_state), str(md.key_spec), names, md.description))
+    if not rows:
+        _out("no keys (create one with: hsmkeys keys create)")
+        return EXIT_OK
+    header = ("KeyId", "State", "Spec", "Aliases", "Description")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        _out(("  ".join(f"{row[i]:<{widths[i]}}" for i in range(4)) + "  " + row[4]).rstrip())
+    return EXIT_OK
+
+
+def _cmd_keys_set_enabled(enabled: bool) -> Handler:
+    def run(cli: _Cli) -> int:
+        with cli.store() as store:
+            if enabled:
+                store.enable_key(key_id=cli.args.key)
+            else:
+                store.disable_key(key_id=cli.args.key)
+            md = store.describe_key(key_id=cli.args.key).key_metadata
+        if cli.as_json:
+            _out_json({})
+        else:
+            _out(f"{md.key_id}: {md.key_state}")
+        return EXIT_OK
+
+    return run
+
+
+def _cmd_keys_rotate(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.rotate_key_on_demand(key_id=cli.args.key)
+        md = store.describe_key(key_id=result.key_id).key_metadata
+    if cli.as_json:
+        _out_json(_kms_json("RotateKeyOnDemand", result))
+    else:
+        _out(f"{md.key_id}: rotated, current version {md.current_version}")
+    return EXIT_OK
+
+
+def _cmd_keys_schedule_deletion(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.schedule_key_deletion(key_id=cli.args.key, pending_window_in_days=cli.args.days)
+    if cli.as_json:
+        _out_json(_kms_json("ScheduleKeyDeletion", result))
+    else:
+        _out(
+            f"{result.key_id}: {result.key_state}, purged by `hsmkeys maintain` after "
+            f"{result.deletion_date.isoformat()} ({result.pending_window_in_days} days)"
+        )
+    return EXIT_OK
+
+
+def _cmd_keys_cancel_deletion(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.cancel_key_deletion(key_id=cli.args.key)
+    if cli.as_json:
+        _out_json(_kms_json("CancelKeyDeletion", result))
+    else:
+        _out(f"{result.key_id}: deletion cancelled; the key is Disabled until `hsmkeys keys enable`")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ aliases
+
+
+def _cmd_alias_create(cli: _Cli) -> int:
+    name = _alias_name(cli.args.name)
+    with cli.store() as store:
+        store.create_alias(alias_name=name, target_key_id=cli.args.key)
+        target = store.describe_key(key_id=name).key_metadata.key_id
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"{name} -> {target}")
+    return EXIT_OK
+
+
+def _cmd_alias_delete(cli: _Cli) -> int:
+    name = _alias_name(cli.args.name)
+    with cli.store() as store:
+        store.delete_alias(alias_name=name)
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"{name} deleted")
+    return EXIT_OK
+
+
+def _cmd_alias_list(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = _all_aliases(store)
+    if cli.as_json:
+        _out_json(_kms_json("ListAliases", result))
+    elif not result.aliases:
+        _out("no aliases")
+    else:
+        for alias in result.aliases:
+            _out(f"{alias.alias_name} -> {alias.target_key_id or '-'}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ cryptography
+
+
+def _cmd_encrypt(cli: _Cli) -> int:
+    a = cli.args
+    plaintext = _read_input(a)
+    with cli.store() as store:
+        result = store.encrypt(key_id=a.key_id, plaintext=plaintext, encryption_context=_context(a.context))
+    if cli.as_json:
+        _out_json(_kms_json("Encrypt", result))
+    else:
+        _out(_b64(result.ciphertext_blob))
+    return EXIT_OK
+
+
+def _cmd_decrypt(cli: _Cli) -> int:
+    a = cli.args
+    text = _read_input(a)
+    try:
+        blob = base64.b64decode(b"".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("decrypt reads the base64 text that encrypt prints; this is not base64") from None
+    with cli.store() as store:
+        result = store.decrypt(ciphertext_blob=blob, key_id=a.key_id, encryption_context=_context(a.context))
+    if cli.as_json:
+        _out_json(_kms_json("Decrypt", result))
+    else:
+        _out_bytes(result.plaintext)
+    return EXIT_OK
+
+
+def _cmd_sign(cli: _Cli) -> int:
+    a = cli.args
+    message = _read_input(a)
+    with cli.store() as store:
+        result = store.sign(
+            key_id=a.key_id, message=message, signing_algorithm=a.algorithm, message_type=a.message_type
+        )
+    if cli.as_json:
+        _out_json(_kms_json("Sign", result))
+    else:
+        _out(_b64(result.signature))
+    return EXIT_OK
+
+
+def _cmd_verify(cli: _Cli) -> int:
+    a = cli.args
+    message = _read_input(a)
+    with cli.store() as store:
+        try:
+            result = store.verify(
+                key_id=a.key_id,
+                message=message,
+                signature=a.signature,
+                signing_algorithm=a.algorithm,
+                message_type=a.message_type,
+            )
+        except KMSInvalidSignatureException:
+            if cli.as_json:
+                _out_json({"SignatureValid": False, "SigningAlgorithm": a.algorithm})
+            else:
+                _out("signature invalid")
+            return EXIT_NO
+    if cli.as_json:
+        _out_json(_kms_json("Verify", result))
+    else:
+        _out("signature valid")
+    return EXIT_OK
+
+
+def _cmd_public_key(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.get_public_key(key_id=cli.args.key)
+    if cli.as_json:
+        _out_json(_kms_json("GetPublicKey", result))
+    elif cli.args.der:
+        _out_bytes(result.public_key)
+    else:
+        _out(_pem(result.public_key))
+    return EXIT_OK
+
+
+def _cmd_mac(cli: _Cli) -> int:
+    a = cli.args
+    message = _read_input(a)
+    with cli.store() as store:
+        result = store.generate_mac(key_id=a.key_id, message=message, mac_algorithm=a.algorithm)
+    if cli.as_json:
+        _out_json(_kms_json("GenerateMac", result))
+    else:
+        _out(_b64(result.mac))
+    return EXIT_OK
+
+
+def _cmd_verify_mac(cli: _Cli) -> int:
+    a = cli.args
+    message = _read_input(a)
+    with cli.store() as store:
+        try:
+            result = store.verify_mac(key_id=a.key_id, message=message, mac_algorithm=a.algorithm, mac=a.mac)
+        except KMSInvalidMacException:
+            if cli.as_json:
+                _out_json({"MacValid": False, "MacAlgorithm": a.algorithm})
+            else:
+                _out("mac invalid")
+            return EXIT_NO
+    if cli.as_json:
+        _out_json(_kms_json("VerifyMac", result))
+    else:
+        _out("mac valid")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ operations
+
+
+def _cmd_status(cli: _Cli) -> int:
+    with cli.store() as store:
+        status = store.status()
+    if cli.as_json:
+        _out_json(
+            {
+                "token_label": status.token_label,
+                "module": status.module,
+                "manufacturer": status.manufacturer,
+                "model": status.model,
+                "keys": status.keys,
+            }
+        )
+        return EXIT_OK
+    _table(
+        [
+            ("token", f"{status.token_label} ({status.manufacturer} {status.model})"),
+            ("module", status.module),
+            ("keys", status.keys),
+        ]
+    )
+    cmd = "hsmkeys" if cli.args.config is None else f"hsmkeys --config {cli.args.config}"
+    _out()
+    _out("try:")
+    _out(f"  {cmd} keys create --description demo   # prints its KeyId")
+    _out(f"  printf hello | {cmd} encrypt --key-id KEY_ID --context app=demo > hello.b64")
+    _out(f"  {cmd} decrypt --context app=demo < hello.b64")
+    return EXIT_OK
+
+
+def _cmd_maintain(cli: _Cli) -> int:
+    with cli.store() as store:
+        report = store.run_maintenance()
+    if cli.as_json:
+        _out_json({"rotated": list(report.rotated), "purged": list(report.purged)})
+        return EXIT_OK
+    for key_id in report.rotated:
+        _out(f"rotated {key_id}")
+    for key_id in report.purged:
+        _out(f"purged  {key_id}")
+    if not (report.rotated or report.purged):
+        _out("nothing due")
+    return EXIT_OK
+
+
+def _cmd_doctor(cli: _Cli) -> int:
+    with cli.store() as store:
+        report = store.doctor(fix=cli.args.fix)
+    if cli.as_json:
+        _out_json(
+            {
+                "consistent": report.consistent,
+                "orphan_objects": [ref.label for ref in report.orphan_objects],
+                "missing_objects": [ref.label for ref in report.missing_objects],
+                "unfinished_purges": list(report.unfinished_purges),
+                "fixed": report.fixed,
+            }
+        )
+        return EXIT_OK if report.consistent else EXIT_NO
+    if report.consistent:
+        _out("consistent: every catalog version has its HSM object and no HSM object is orphaned")
+        return EXIT_OK
+    for ref in report.orphan_objects:
+        _out(f"orphan HSM object {ref.label}: no catalog row (a create that crashed before commit)")
+    for ref in report.missing_objects:
+        _out(f"missing HSM object {ref.label}: the catalog references it but the token lacks it")
+    for key_id in report.unfinished_purges:
+        _out(f"unfinished purge of key {key_id}")
+    if report.fixed:
+        _out(
+            f"fixed: destroyed {len(report.orphan_objects)} orphan object(s), "
+            f"finished {len(report.unfinished_purges)} purge(s)"
+        )
+        if report.missing_objects:
+            _out("not fixable: missing objects (restore the token from a backup)")
+    else:
+        fixable = len(report.orphan_objects) + len(report.unfinished_purges)
+        if fixable:
+            _out(f"run `hsmkeys doctor --fix` to repair {fixable} of these")
+    return EXIT_NO
+
+
+def _cmd_audit_verify(cli: _Cli) -> int:
+    from hsmkeys.audit import verify_audit_logs
+
+    with cli.store() as store:
+        result = verify_audit_logs([Path(f) for f in cli.args.files], store.audit_mac)
+    if cli.as_json:
+        _out_json(
+            {
+                "ok": result.ok,
+                "lines": result.lines,
+                "first_bad_line": result.first_bad_line,
+                "reason": result.reason,
+            }
+        )
+    elif result.ok:
+        _out(f"intact: {result.lines} line(s)")
+    else:
+        where = f"line {result.first_bad_line}" if result.first_bad_line is not None else "file"
+        _out(f"damaged at {where}: {result.reason}")
+    return EXIT_OK if result.ok else EXIT_NO
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    from hsmkeys.server import runner  # uvicorn and the app only for this command
+
+    a = cli.args
+    try:
+        if a.ephemeral:
+            runner.run_ephemeral(host=a.host, port=a.port, workers=a.workers)
+        else:
+            runner.run_server(cli.settings(), host=a.host, port=a.port, workers=a.workers)
+    except runner.ServerError as exc:
+        return _error("ServerError", str(exc))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ init
+
+
+@dataclass(frozen=True)
+class _Step:
+    item: str
+    where: str
+    action: str  # created | reused | updated
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a new 0600 file, refusing to replace one that exists."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _replace_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, text)
+    os.replace(tmp, path)
+
+
+def _secret_file(path: Path, make: Callable[[], str], what: str, steps: list[_Step]) -> str:
+    """The secret in ``path``, generated (0600) if the file does not exist yet."""
+    if path.exists():
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{what}: {path} is empty; delete it to have init generate one")
+        if path.stat().st_mode & 0o077:
+            print(f"warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+        steps.append(_Step(what, str(path), "reused"))
+        return value
+    value = make()
+    _write_private(path, value + "\n")
+    steps.append(_Step(what, str(path), "created"))
+    return value
+
+
+def _softhsm_conf(settings: Settings, steps: list[_Step]) -> Path:
+    from hsmkeys.hsm import softhsm
+
+    if "softhsm" not in Path(settings.hsm.module).name.lower():
+        raise ConfigError(
+            f"hsm.module: init --create-token makes SoftHSM2 tokens only, not {settings.hsm.module}"
+        )
+    value = os.environ.get("SOFTHSM2_CONF")
+    if not value:
+        raise ConfigError(
+            "SOFTHSM2_CONF is not set: init --create-token writes the token where it points "
+            "and never into the system token directory (try SOFTHSM2_CONF=$PWD/var/softhsm2.conf)"
+        )
+    conf = Path(value).resolve()
+    if conf == _SYSTEM_SOFTHSM_CONF:
+        raise ConfigError(f"SOFTHSM2_CONF is the system config {conf}; point it at a project file")
+    if conf.exists():
+        steps.append(_Step("softhsm2.conf", str(conf), "reused"))
+    elif conf.name == softhsm.CONF_NAME:
+        softhsm.write_conf(conf.parent)
+        steps.append(_Step("softhsm2.conf", str(conf), "created"))
+    else:  # same content as softhsm.write_conf, under the name SOFTHSM2_CONF asks for
+        tokens = conf.parent / softhsm.TOKEN_DIR_NAME
+        tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conf.write_text(
+            "# Written by hsmkeys init --create-token\n"
+            f"directories.tokendir = {tokens}\n"
+            "objectstore.backend = file\n"
+            "log.level = ERROR\n"
+            "slots.removable = false\n",
+            encoding="utf-8",
+        )
+        steps.append(_Step("softhsm2.conf", str(conf), "created"))
+    token_dir = _conf_token_dir(conf)
+    if token_dir is not None and token_dir.resolve().is_relative_to(_SYSTEM_TOKEN_DIR):
+        raise ConfigError(f"{conf} keeps tokens in the system directory {token_dir}; use a project directory")
+    return conf
+
+
+def _conf_token_dir(conf: Path) -> Path | None:
+    try:
+        lines = conf.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"SOFTHSM2_CONF {conf}: {exc.strerror}") from None
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "directories.tokendir":
+            return Path(value.strip())
+    return None
+
+
+def _create_token(settings: Settings, steps: list[_Step]) -> None:
+    from hsmkeys.hsm import softhsm
+
+    conf = _softhsm_conf(settings, steps)
+    pin_file = settings.hsm.pin_file
+    if pin_file is None:
+        raise ConfigError("hsm.pin_file: init --create-token needs it, to store the PIN it generates")
+    label = settings.hsm.token_label
+    exists = softhsm.token_exists(conf, label)
+    if exists and not pin_file.exists():
+        raise ConfigError(
+            f"hsm.pin_file: token {label!r} already exists in {conf} but {pin_file} does not, "
+            "so its PIN is unknown; restore the file or remove the token"
+        )
+    pin = _secret_file(pin_file, lambda: secrets.token_hex(_PIN_BYTES), "user PIN", steps)
+    so_pin = _secret_file(
+        pin_file.with_name(pin_file.name + ".so"), lambda: secrets.token_hex(_PIN_BYTES), "SO PIN", steps
+    )
+    if exists:
+        steps.append(_Step("token", label, "reused"))
+    else:
+        softhsm.init_token(conf, label, pin, so_pin)
+        steps.append(_Step("token", label, "created"))
+
+
+def _new_secret_access_key() -> str:
+    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LEN))
+
+
+def _principal_secrets(settings: Settings, steps: list[_Step]) -> None:
+    for principal in settings.principals:
+        if principal.secret_access_key_file is not None:
+            _secret_file(
+                principal.secret_access_key_file,
+                _new_secret_access_key,
+                f"secret of {principal.access_key_id}",
+                steps,
+            )
+    if settings.principals:
+        _credentials_file(settings, settings.principals[0], steps)
+
+
+def _credentials_file(settings: Settings, principal: PrincipalSettings, steps: list[_Step]) -> None:
+    """``credentials`` (AWS shared-credentials format, profile default) for the first principal."""
+    folder = (
+        principal.secret_access_key_file.parent
+        if principal.secret_access_key_file is not None
+        else settings.catalog.parent
+    )
+    path = folder / "credentials"
+    text = (
+        "# Written by hsmkeys init for " + principal.arn + "\n"
+        "[default]\n"
+        f"aws_access_key_id = {principal.access_key_id}\n"
+        f"aws_secret_access_key = {principal.secret_access_key()}\n"
+    )
+    if path.exists():
+        try:
+            same = path.read_text(encoding="utf-8") == text
+        except OSError:
+            same = False
+        if same:
+            steps.append(_Step("credentials", str(path), "reused"))
+            return
+        _replace_private(path, text)
+        steps.append(_Step("credentials", str(path), "updated"))
+        return
+    _write_private(path, text)
+    steps.append(_Step("credentials", str(path), "created"))
+
+
+def _cmd_init(cli: _Cli) -> int:
+    settings = cli.settings()
+    steps: list[_Step] = []
+    if cli.args.create_token:
+        _create_token(settings, steps)
+        _principal_secrets(settings, steps)
+    catalog_existed = settings.catalog.exists()
+    with cli.store() as store:  # opening creates the catalog and proves the PIN works
+        status = store.status()
+    steps.append(_Step("catalog", str(settings.catalog), "reused" if catalog_existed else "created"))
+    if cli.as_json:
+        _out_json(
+            {
+                "steps": [{"item": s.item, "where": s.where, "action": s.action} for s in steps],
+                "token_label": status.token_label,
+                "keys": status.keys,
+            }
+        )
+        return EXIT_OK
+    width = max(len(s.item) for s in steps)
+    for s in steps:
+        _out(f"{s.item:<{width}}  {s.action:<7}  {s.where}")
+    reused = all(s.action == "reused" for s in steps)
+    _out(
+        ("already initialised; reused everything. " if reused else "")
+        + f"ready: token {status.token_label}, {status.keys} key(s)"
+    )
+    return EXIT_OK
+
+
+# ==================================================================== parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --config and --json work before or after the command; SUPPRESS keeps a
+    # sub-command from resetting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="F", default=argparse.SUPPRESS, help="config file")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="hsmkeys",
+        description="An AWS KMS-compatible key service whose keys live in a PKCS#11 HSM.",
+        epilog="Exit status: 0 ok, 1 a check or verification said no, 2 error.",
+    )
+    parser.add_argument(
+        "--config", metavar="F", default=None, help="config file (default $HSMKEYS_CONFIG, else ./hsmkeys.yaml)"
+    )
+    parser.add_argument("--json", action="store_true", default=False, help="print machine-readable JSON")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    def command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, text: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def input_file(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--in", dest="in_file", metavar="FILE", help="read the input from FILE, not stdin")
+
+    def context(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--context", action="append", type=_pair_arg, metavar="K=V", help="encryption context pair (repeat)"
+        )
+
+    sub = command(commands, "init", _cmd_init, "create the catalog (and, for SoftHSM2, the token)")
+    sub.add_argument(
+        "--create-token",
+        action="store_true",
+        help="SoftHSM2 only, under $SOFTHSM2_CONF: generate PINs and principal secrets, init the token",
+    )
+    command(commands, "status", _cmd_status, "show the token, module and number of keys")
+
+    keys = commands.add_parser("keys", help="create and manage keys").add_subparsers(
+        dest="keys_command", required=True, metavar="<keys command>"
+    )
+    sub = command(keys, "create", _cmd_keys_create, "create a key")
+    sub.add_argument("--description", default="")
+    sub.add_argument("--key-spec", default=None, metavar="S", help="e.g. SYMMETRIC_DEFAULT, ECC_NIST_P256, HMAC_256")
+    sub.add_argument("--key-usage", default=None, metavar="U", help="ENCRYPT_DECRYPT, SIGN_VERIFY, GENERATE_VERIFY_MAC")
+    sub.add_argument("--tag", action="append", type=_pair_arg, metavar="K=V", help="tag (repeat)")
+    command(keys, "list", _cmd_keys_list, "list keys")
+    for name, handler, text in (
+        ("describe", _cmd_keys_describe, "show a key's metadata"),
+        ("enable", _cmd_keys_set_enabled(True), "enable a key"),
+        ("disable", _cmd_keys_set_enabled(False), "disable a key"),
+        ("rotate", _cmd_keys_rotate, "rotate a symmetric key now (new version)"),
+        ("cancel-deletion", _cmd_keys_cancel_deletion, "cancel a scheduled deletion (key becomes Disabled)"),
+    ):
+        command(keys, name, handler, text).add_argument("key", metavar="KEY", help="key id, ARN or alias")
+    sub = command(keys, "schedule-deletion", _cmd_keys_schedule_deletion, "schedule a key's deletion")
+    sub.add_argument("key", metavar="KEY")
+    sub.add_argument("--days", type=int, default=None, help="pending window, 7-30 (default 30)")
+
+    alias = commands.add_parser("alias", help="manage aliases").add_subparsers(
+        dest="alias_command", required=True, metavar="<alias command>"
+    )
+    sub = command(alias, "create", _cmd_alias_create, "point a new alias at a key")
+    sub.add_argument("name", metavar="NAME", help="alias/NAME (the prefix is added if missing)")
+    sub.add_argument("key", metavar="KEY")
+    command(alias, "delete", _cmd_alias_delete, "delete an alias").add_argument("name", metavar="NAME")
+    command(alias, "list", _cmd_alias_list, "list aliases")
+
+    sub = command(commands, "encrypt", _cmd_encrypt, "encrypt stdin; print the base64 ciphertext blob")
+    sub.add_argument("--key-id", required=True, metavar="ID")
+    context(sub)
+    input_file(sub)
+    sub = command(commands, "decrypt", _cmd_decrypt, "decrypt a base64 blob from stdin; write the plaintext")
+    sub.add_argument("--key-id", default=None, metavar="ID", help="optional: must match the blob's key")
+    context(sub)
+    input_file(sub)
+
+    for name, handler, text in (
+        ("sign", _cmd_sign, "sign stdin; print the base64 signature"),
+        ("verify", _cmd_verify, "verify a signature of stdin (exit 0 valid, 1 invalid)"),
+    ):
+        sub = command(commands, name, handler, text)
+        sub.add_argument("--key-id", required=True, metavar="ID")
+        sub.add_argument("--algorithm", required=True, metavar="A", help="e.g. ECDSA_SHA_256")
+        sub.add_argument("--message-type", default="RAW", choices=["RAW", "DIGEST"])
+        if name == "verify":
+            sub.add_argument("--signature", required=True, type=_base64_arg, metavar="B64")
+        input_file(sub)
+
+    sub = command(commands, "public-key", _cmd_public_key, "print a key's public key (PEM)")
+    sub.add_argument("key", metavar="KEY")
+    sub.add_argument("--der", action="store_true", help="write DER bytes instead of PEM")
+
+    for name, handler, text in (
+        ("mac", _cmd_mac, "HMAC stdin; print the base64 MAC"),
+        ("verify-mac", _cmd_verify_mac, "verify a MAC of stdin (exit 0 valid, 1 invalid)"),
+    ):
+        sub = command(commands, name, handler, text)
+        sub.add_argument("--key-id", required=True, metavar="ID")
+        sub.add_argument("--algorithm", required=True, metavar="A", help="e.g. HMAC_SHA_256")
+        if name == "verify-mac":
+            sub.add_argument("--mac", required=True, type=_base64_arg, metavar="B64")
+        input_file(sub)
+
+    command(commands, "maintain", _cmd_maintain, "do due rotations and purges now")
+    sub = command(commands, "doctor", _cmd_doctor, "compare HSM and catalog (exit 1 if they drifted)")
+    sub.add_argument("--fix", action="store_true", help="destroy orphan objects and finish purges")
+
+    audit = commands.add_parser("audit", help="audit log tools").add_subparsers(
+        dest="audit_command", required=True, metavar="<audit command>"
+    )
+    sub = command(audit, "verify", _cmd_audit_verify, "check audit log files, oldest first (exit 1 if damaged)")
+    sub.add_argument("files", nargs="+", metavar="FILE")
+
+    sub = command(commands, "serve", _cmd_serve, "serve the KMS API over HTTP")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=7300)
+    sub.add_argument("--workers", type=int, default=1, metavar="N")
+    sub.add_argument("--ephemeral", action="store_true", help="throwaway token and catalog; no config needed")
+    return parser
+
+
+# ==================================================================== entry point
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None, *, open_store: StoreOpener | None = None) -> int:
+    """Run one command; return the exit status (0 ok, 1 a check said no, 2 error).
+
+    ``open_store`` replaces opening the configured key store (tests pass an in-memory one).
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error; argparse has printed it
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    cli = _Cli(args, open_store)
+    handler: Handler = args.handler
+    try:
+        status = handler(cli)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except KMSError as exc:
+        code, message = exc.code, exc.message
+    except ConfigError as exc:
+        code, message = "ConfigError", str(exc)
+    except InputError as exc:
+        code, message = InputError.code, str(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `hsmkeys keys list | head`: the reader left, not an error
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    return _error(code, message)
+
+
+def _error(code: str, message: str) -> int:
+    """Print the one-line error report and return the error exit status."""
+    sys.stdout.flush()
+    print(f"error: {code}: {_one_line(message)}" if message else f"error: {code}", file=sys.stderr)
+    return EXIT_ERROR

@@ -1,0 +1,615 @@
+"""Run the KMS server: one process, or a supervisor and N worker processes.
+
+Process model
+    ``workers == 1``: the app is served by the calling process.
+    ``workers > 1``: the calling process binds the listening socket and supervises N
+    workers started with multiprocessing's "spawn" method (a fresh interpreter: no
+    PKCS#11 state is ever inherited across fork). All workers accept on the shared
+    socket; each opens its own KeyStore (own PKCS#11 session and handle cache, own
+    catalog connection). The catalog is the source of truth for key state and every
+    call reads its key's row, so a key created, rotated or disabled through one worker
+    is seen by the next call on any other. A worker that dies is restarted (at most
+    ``_MAX_RESTARTS`` per ``_RESTART_WINDOW_S``, then the server stops).
+
+Maintenance (due rotations and purges, ``KeyStore.run_maintenance``) runs every
+``settings.maintenance_interval_seconds`` in exactly one process: every process tries
+a non-blocking ``flock`` on ``<catalog>.maintenance.lock`` and only its holder runs
+it. The kernel drops the lock when its holder dies, so another process takes over,
+and a second server or a ``hsmkeys maintain`` sharing the catalog cannot double up.
+
+Shutdown: SIGTERM or SIGINT stops accepting connections, lets in-flight requests
+finish (up to ``GRACEFUL_SHUTDOWN_S``), stops the maintenance loop (a run in progress
+completes: it is synchronous on the event loop), then closes the KeyStore. The
+supervisor forwards the signal to its workers and waits for them.
+
+Readiness: once every worker has finished startup, ``listening on http://HOST:PORT``
+(the bound port, also with ``port=0``) is printed to stdout and flushed, then
+``ready(url)`` is called if given.
+
+Ephemeral mode (:func:`run_ephemeral`) serves a throwaway SoftHSM2 token and catalog in
+a temporary directory that is removed on exit.
+
+Errors: ConfigError for bad settings (no principals, a secret that cannot be read),
+a port already in use, or a worker that fails to start (its error is included);
+:class:`ServerError` when workers keep dying after startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import secrets
+import signal
+import socket
+import string
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from hsmkeys.config import HsmSettings, PrincipalSettings, Settings
+from hsmkeys.errors import ConfigError, KMSError
+from hsmkeys.hsm import softhsm
+from hsmkeys.keystore import KeyStore
+from hsmkeys.server.app import create_app
+from hsmkeys.server.metrics import Metrics
+from hsmkeys.server.sigv4 import Credential, SigV4Verifier
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "GRACEFUL_SHUTDOWN_S",
+    "ServerError",
+    "build_verifier",
+    "ephemeral_settings",
+    "maintenance_lock_path",
+    "run_ephemeral",
+    "run_server",
+]
+
+log = logging.getLogger("hsmkeys.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7300
+#: How long in-flight requests may run after SIGTERM before they are cancelled.
+GRACEFUL_SHUTDOWN_S = 30.0
+_WORKER_STOP_EXTRA_S = 10.0  # beyond the grace period, before a worker is killed
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 60.0
+_BACKLOG = 2048
+_EPHEMERAL_LABEL = "hsmkeys-ephemeral"
+_ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
+
+
+class ServerError(Exception):
+    """The server could not keep running (workers kept dying)."""
+
+
+# ------------------------------------------------------------------ public API
+
+
+def run_server(
+    settings: Settings,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``settings`` until SIGTERM/SIGINT; returns after a graceful shutdown.
+
+    Prints ``listening on <url>`` when every worker is ready, then calls ``ready(url)``.
+    Raises ConfigError (bad settings, port in use, a worker failing to start) or
+    ServerError (workers dying repeatedly).
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    build_verifier(settings)  # fail before binding: no principals, unreadable secrets
+    _configure_logging()
+    with _StopSignals() as stop:
+        sock = _bind(host, port)
+        try:
+            url = _url(host, sock.getsockname()[1])
+
+            def announce() -> None:
+                print(f"listening on {url}", flush=True)
+                if ready is not None:
+                    ready(url)
+
+            if workers == 1:
+                _serve(settings, sock, stop=stop, on_started=announce, parent_pid=None)
+            else:
+                _Supervisor(settings, sock, workers, stop).run(announce)
+        finally:
+            sock.close()
+
+
+def run_ephemeral(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+    ready: Callable[[str], None] | None = None,
+    audit_log: Path | None = None,
+    region: str = "us-east-1",
+    account_id: str = "111122223333",
+    maintenance_interval_seconds: float = 60.0,
+) -> None:
+    """Serve a throwaway SoftHSM2 token and catalog, removed on exit.
+
+    The admin principal ``arn:aws:iam::<account>:user/admin`` uses AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY from the environment when both are set; otherwise a key
+    pair is generated and printed once. The audit log goes to ``audit_log`` if given,
+    else into the temporary directory; its path is printed at start.
+    """
+    with tempfile.TemporaryDirectory(prefix="hsmkeys-ephemeral-") as tmp:
+        settings, generated = ephemeral_settings(
+            Path(tmp),
+            env=os.environ,
+            audit_log=audit_log,
+            region=region,
+            account_id=account_id,
+            maintenance_interval_seconds=maintenance_interval_seconds,
+        )
+        assert settings.audit_log is not None
+        print(f"ephemeral store in {tmp} (removed on exit)", flush=True)
+        print(f"audit log: {settings.audit_log}", flush=True)
+        principal = settings.principals[0]
+        if generated:
+            print(f"principal: {principal.arn}", flush=True)
+            print(f"AWS_ACCESS_KEY_ID={principal.access_key_id}", flush=True)
+            print(f"AWS_SECRET_ACCESS_KEY={principal.secret_access_key()}", flush=True)
+        else:
+            print(
+                f"principal: {principal.arn} (credentials from AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY)",
+                flush=True,
+            )
+        conf = Path(tmp) / softhsm.CONF_NAME
+        with _environ("SOFTHSM2_CONF", str(conf)):
+            run_server(settings, host=host, port=port, workers=workers, ready=ready)
+
+
+def ephemeral_settings(
+    directory: Path,
+    *,
+    env: Mapping[str, str],
+    audit_log: Path | None = None,
+    region: str = "us-east-1",
+    account_id: str = "111122223333",
+    maintenance_interval_seconds: float = 60.0,
+) -> tuple[Settings, bool]:
+    """Make a SoftHSM2 token, PIN and admin credential under ``directory``.
+
+    Returns the settings and whether the credentials were generated (rather than
+    taken from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in ``env``). Serving them
+    needs ``SOFTHSM2_CONF=<directory>/softhsm2.conf`` in the environment before the
+    PKCS#11 module is loaded (:func:`run_ephemeral` does that).
+    """
+    directory = directory.resolve()
+    module = softhsm.find_module()
+    conf = softhsm.write_conf(directory)
+    pin = secrets.token_hex(8)
+    softhsm.init_token(conf, _EPHEMERAL_LABEL, pin, secrets.token_hex(8))
+    pin_file = _secret_file(directory / "pin", pin)
+
+    access_key_id = env.get("AWS_ACCESS_KEY_ID", "")
+    secret_access_key = env.get("AWS_SECRET_ACCESS_KEY", "")
+    generated = not (access_key_id and secret_access_key)
+    if generated:
+        access_key_id = "AKIA" + "".join(secrets.choice(_ACCESS_KEY_ALPHABET) for _ in range(16))
+        secret_access_key = secrets.token_urlsafe(30)
+    secret_file = _secret_file(directory / "admin-secret", secret_access_key)
+
+    settings = Settings(
+        hsm=HsmSettings(module=str(module), token_label=_EPHEMERAL_LABEL, pin_file=pin_file),
+        catalog=directory / "catalog.sqlite3",
+        region=region,
+        account_id=account_id,
+        audit_log=audit_log if audit_log is not None else directory / "audit.log",
+        maintenance_interval_seconds=maintenance_interval_seconds,
+        principals=(
+            PrincipalSettings(
+                arn=f"arn:aws:iam::{account_id}:user/admin",
+                access_key_id=access_key_id,
+                secret_access_key_file=secret_file,
+            ),
+        ),
+    )
+    return settings, generated
+
+
+def build_verifier(settings: Settings) -> SigV4Verifier:
+    """A SigV4 verifier for ``settings.principals``; ConfigError if there are none."""
+    if not settings.principals:
+        raise ConfigError(
+            "no principals configured: the server would refuse every request "
+            "(add principals with access_key_id and a secret_access_key_env/_file)"
+        )
+    return SigV4Verifier(
+        (
+            Credential(
+                access_key_id=p.access_key_id,
+                secret_access_key=p.secret_access_key(),
+                principal_arn=p.arn,
+            )
+            for p in settings.principals
+        ),
+        region=settings.region,
+    )
+
+
+def maintenance_lock_path(settings: Settings) -> Path:
+    """The file whose flock elects the one process that runs maintenance."""
+    return settings.catalog.with_name(settings.catalog.name + ".maintenance.lock")
+
+
+# ------------------------------------------------------------------ one serving process
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handlers that record a stop request instead of killing the process.
+
+    uvicorn installs its own handlers while it serves and re-raises the signals it
+    caught once it has shut down; these then absorb them, so cleanup code still runs.
+    Outside the main thread (where signals cannot be handled) this is a plain flag.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+
+class _Once:
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+
+    def __call__(self) -> None:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+class _MaintenanceLock:
+    """A non-blocking exclusive flock, held from first success until release."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the lock
+
+
+async def _maintenance_loop(keystore: KeyStore, interval: float, lock: _MaintenanceLock) -> None:
+    """Run due rotations and purges every ``interval`` seconds while holding ``lock``."""
+    while True:
+        try:
+            if lock.try_acquire():
+                # Synchronous on the event loop on purpose: HSM calls in one process
+                # must not overlap, and a cancelled loop must not leave a run half done.
+                report = keystore.run_maintenance()
+                if report.rotated or report.purged:
+                    log.info(
+                        "event=maintenance rotated=%d purged=%d",
+                        len(report.rotated),
+                        len(report.purged),
+                    )
+        except Exception as exc:  # keep serving; the next interval retries
+            log.error("event=maintenance_failed error=%s", type(exc).__name__)
+        await asyncio.sleep(interval)
+
+
+def _serve(
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    stop: _StopSignals,
+    on_started: Callable[[], None],
+    parent_pid: int | None,
+) -> None:
+    """Open a KeyStore and serve the app on ``sock`` until stopped; always closes the store."""
+    verifier = build_verifier(settings)
+    lock = _MaintenanceLock(maintenance_lock_path(settings))
+    keystore = KeyStore.open(settings)
+    close = _Once(keystore.close)
+    try:
+        app = create_app(
+            keystore,
+            verifier,
+            Metrics(),
+            background=(
+                functools.partial(
+                    _maintenance_loop, keystore, settings.maintenance_interval_seconds, lock
+                ),
+            ),
+            on_shutdown=close,
+        )
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            log_config=None,  # the process's logging setup applies (see _configure_logging)
+            access_log=False,  # the audit log records every request
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S),
+        )
+        server = uvicorn.Server(config)
+        if not stop.is_set():
+            asyncio.run(_run_until_stopped(server, sock, stop, on_started, parent_pid))
+    finally:
+        close()
+        lock.release()
+
+
+async def _run_until_stopped(
+    server: uvicorn.Server,
+    sock: socket.socket,
+    stop: _StopSignals,
+    on_started: Callable[[], None],
+    parent_pid: int | None,
+) -> None:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    announced = False
+    while not serving.done():
+        # A signal that arrived before uvicorn installed its handlers landed in ours.
+        if stop.is_set() or (parent_pid is not None and os.getppid() != parent_pid):
+            server.should_exit = True
+        if server.started and not announced:
+            announced = True
+            on_started()
+        await asyncio.wait({serving}, timeout=0.01 if not announced else 0.5)
+    await serving
+
+
+# ------------------------------------------------------------------ supervisor
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    conn: Connection  # the supervisor's end: ("ready", pid) or ("failed", message)
+
+
+def _worker_main(
+    settings: Settings, sock: socket.socket, index: int, conn: Connection, parent_pid: int
+) -> None:
+    """Entry point of a spawned worker process."""
+    _configure_logging()
+    with _StopSignals() as stop:
+        try:
+            _serve(
+                settings,
+                sock,
+                stop=stop,
+                on_started=lambda: conn.send(("ready", os.getpid())),
+                parent_pid=parent_pid,
+            )
+        except (ConfigError, KMSError) as exc:
+            log.error("event=worker_start_failed worker=%d error=%s", index, exc)
+            with contextlib.suppress(OSError):
+                conn.send(("failed", str(exc)))
+            sys.exit(2)
+
+
+class _Supervisor:
+    def __init__(self, settings: Settings, sock: socket.socket, workers: int, stop: _StopSignals) -> None:
+        self._settings = settings
+        self._sock = sock
+        self._count = workers
+        self._stop = stop
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._restarts: list[float] = []
+
+    def run(self, announce: Callable[[], None]) -> None:
+        try:
+            for index in range(self._count):
+                self._start(index)
+            if not self._wait_ready():
+                return
+            announce()
+            self._monitor()
+        finally:
+            self._stop_all()
+
+    def _start(self, index: int) -> None:
+        ours, theirs = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(self._settings, self._sock, index, theirs, os.getpid()),
+            name=f"hsmkeys-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        theirs.close()
+        self._workers[index] = _Worker(index, process, ours)
+
+    def _wait_ready(self) -> bool:
+        """True when every worker reported ready; False on a stop request; raises on failure."""
+        pending = dict(self._workers)
+        while pending:
+            if self._stop.is_set():
+                return False
+            waitables: list[Any] = [w.conn for w in pending.values()]
+            waitables += [w.process.sentinel for w in pending.values()]
+            multiprocessing.connection.wait(waitables, timeout=0.2)
+            for index, worker in list(pending.items()):
+                message = _poll(worker.conn)
+                if message is not None and message[0] == "ready":
+                    del pending[index]
+                elif message is not None or not worker.process.is_alive():
+                    detail = message[1] if message is not None else None
+                    worker.process.join(timeout=5)
+                    raise ConfigError(
+                        f"worker {index} failed to start: "
+                        + (detail or f"exit code {worker.process.exitcode}")
+                    )
+        return True
+
+    def _monitor(self) -> None:
+        while not self._stop.is_set():
+            sentinels = [w.process.sentinel for w in self._workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.5)
+            for index, worker in list(self._workers.items()):
+                _poll(worker.conn)  # drain a restarted worker's ready message
+                if worker.process.is_alive() or self._stop.is_set():
+                    continue
+                log.error(
+                    "event=worker_died worker=%d pid=%s exit_code=%s",
+                    index,
+                    worker.process.pid,
+                    worker.process.exitcode,
+                )
+                worker.conn.close()
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
+                if len(self._restarts) >= _MAX_RESTARTS:
+                    raise ServerError(
+                        f"workers died {_MAX_RESTARTS} times within {_RESTART_WINDOW_S:.0f} s; stopping"
+                    )
+                self._restarts.append(now)
+                self._start(index)
+
+    def _stop_all(self) -> None:
+        workers = list(self._workers.values())
+        for worker in workers:
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S + _WORKER_STOP_EXTRA_S
+        for worker in workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.error("event=worker_killed worker=%d pid=%s", worker.index, worker.process.pid)
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers.clear()
+
+
+def _poll(conn: Connection) -> tuple[str, Any] | None:
+    try:
+        if conn.closed or not conn.poll():
+            return None
+        message: tuple[str, Any] = conn.recv()
+        return message
+    except (EOFError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 picks a free one); ConfigError if taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _configure_logging() -> None:
+    """Structured-ish lines to stderr, unless the embedding program configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+        )
+
+
+def _secret_file(path: Path, value: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(value)
+    return path
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (inherited by spawned workers), restoring it after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

@@ -1,0 +1,947 @@
+"""hsmkeys benchmark: the KeyStore and the server against peers measured in the same run.
+
+Every figure is a ratio to a peer measured in this run on this machine, never an
+absolute target (the machine is shared and swings +-30% between runs):
+
+  encrypt_vs_raw             KeyStore.encrypt (32 B, no context) / raw python-pkcs11 AES-GCM on
+                             the same token object (HSM random IV + encrypt, 33-byte AAD)
+  datakey_vs_raw             generate_data_key(AES_256) / raw (random 32 B + random IV + encrypt)
+  sign_rsa2048_vs_raw        sign(RSASSA_PSS_SHA_256, RAW) / raw (SHA-256 here + CKM_RSA_PKCS_PSS)
+  sign_p256_vs_raw           sign(ECDSA_SHA_256, RAW) / raw (SHA-256 here + CKM_ECDSA + DER)
+  encrypt_latency_10k_vs_10  median encrypt latency with --keys keys in the token / with 10,
+                             each in FRESH processes (the handle index built as a real process does)
+  server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
+  server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1                        [--server]
+  server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
+
+Throughput comparisons interleave the two sides round by round in ONE process and
+take medians; the server runs interleave the servers round by round.
+
+Everything lives on one throwaway SoftHSM2 token (and SQLite catalog) in a temp dir,
+removed at the end; the servers make their own (``--ephemeral``) and moto keeps
+state in memory. The parent process never loads the PKCS#11 module: each phase runs
+in a freshly spawned process, which is also what "opened FRESH" needs.
+
+    env -u SOFTHSM2_CONF .venv/bin/python scripts/bench.py [--keys N] [--server] [--json]
+
+stdout: a table; with --json the LAST line is one JSON object. Progress goes to stderr.
+Exit status: 0, or 1 when a phase failed (or, with --check, a target was missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import gc
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:  # loadgen.py sits beside this file
+    sys.path.insert(0, str(SCRIPTS))
+
+import loadgen  # noqa: E402
+
+T = TypeVar("T")
+
+TOKEN_LABEL = "hsmkeys-bench"
+SMALL_TOKEN_KEYS = 10  # the 10-key baseline: 8 AES + RSA_2048 + ECC_NIST_P256
+PLAINTEXT = b"\x5a" * 32
+SIGN_MESSAGE = b"hsmkeys bench message " * 8  # 176 bytes, RAW: hashed by the caller
+REGION = "us-east-1"
+LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+SERVER_START_TIMEOUT_S = 120.0
+SERVER_STOP_TIMEOUT_S = 15.0
+
+# Ratio name -> (comparison, threshold). ">=" ratios must reach it, "<=" stay under it.
+TARGETS: dict[str, tuple[str, float]] = {
+    "encrypt_vs_raw": (">=", 0.85),
+    "datakey_vs_raw": (">=", 0.85),
+    "encrypt_latency_10k_vs_10": ("<=", 1.2),
+    "sign_rsa2048_vs_raw": (">=", 0.85),
+    "sign_p256_vs_raw": (">=", 0.85),
+    "server_encrypt_vs_moto": (">=", 15.0),
+    "server_2workers_vs_1": (">=", 1.7),
+}
+REQUIRED: dict[str, tuple[str, float]] = {"server_encrypt_vs_moto": (">=", 10.0)}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ============================================================ the throwaway token
+
+
+@dataclass(frozen=True, slots=True)
+class BenchToken:
+    """Where a child process finds the bench token and catalog (picklable)."""
+
+    conf: str
+    module: str
+    label: str
+    pin: str
+    catalog: str
+
+
+@dataclass(frozen=True, slots=True)
+class BenchKeys:
+    """Key ids (UUID strings) made by the setup phase."""
+
+    aes: list[str]
+    rsa2048: str
+    p256: str
+
+
+def _enter_token(token: BenchToken) -> None:
+    """First thing in every child: SoftHSM2 reads SOFTHSM2_CONF when the module is loaded."""
+    os.environ["SOFTHSM2_CONF"] = token.conf
+    assert "pkcs11" not in sys.modules, "the PKCS#11 module was loaded before SOFTHSM2_CONF was set"
+
+
+def _open_keystore(token: BenchToken) -> Any:
+    from hsmkeys.catalog.sqlite import SqliteCatalog
+    from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
+    from hsmkeys.keystore import KeyStore
+
+    hsm = Pkcs11Hsm.open(module=token.module, token_label=token.label, pin=token.pin)
+    return KeyStore(hsm=hsm, catalog=SqliteCatalog(token.catalog))
+
+
+def _raw_session(token: BenchToken) -> Any:
+    """A second, plain python-pkcs11 session on the same token (same loaded module)."""
+    import pkcs11
+    from pkcs11.exceptions import UserAlreadyLoggedIn
+
+    tok = pkcs11.lib(token.module).get_token(token_label=token.label)
+    try:
+        return tok.open(user_pin=token.pin)
+    except UserAlreadyLoggedIn:  # login is per application: the KeyStore's session did it
+        return tok.open()
+
+
+def _label(key_id: str) -> str:
+    return f"hsmkeys/{uuid.UUID(key_id)}/v1"
+
+
+def _header_prefix(key_id: str) -> bytes:
+    """The first 21 bytes of the blob header (format 1, UUID, version 1); + IV = the 33-byte AAD."""
+    return b"\x01" + uuid.UUID(key_id).bytes + (1).to_bytes(4, "big")
+
+
+def _in_fresh_process(fn: Callable[..., T], *args: Any, timeout: float) -> T:
+    """Run ``fn(*args)`` in a newly spawned interpreter (no PKCS#11 state inherited)."""
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=mp.get_context("spawn")
+    ) as pool:
+        return pool.submit(fn, *args).result(timeout=timeout)
+
+
+# ============================================================ timing helpers
+
+
+def _rate(op: Callable[[], object], n: int) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    for _ in range(n):
+        op()
+    return n / (time.perf_counter() - start)
+
+
+def _ops_for(op: Callable[[], object], seconds: float) -> int:
+    """Warm ``op`` up and return how many calls take about ``seconds``."""
+    n, elapsed = 8, 0.0
+    while elapsed < 0.05:
+        start = time.perf_counter()
+        for _ in range(n):
+            op()
+        elapsed = time.perf_counter() - start
+        n *= 2
+    return max(20, int(n / 2 / elapsed * seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    ops_per_s: float  # KeyStore, median of rounds
+    raw_ops_per_s: float  # raw python-pkcs11, median of rounds
+    ratio: float  # ops_per_s / raw_ops_per_s
+    ratio_spread: tuple[float, float]  # min / max of the per-round ratios
+    rounds: int
+    ops_per_round: int
+
+    @property
+    def us(self) -> float:
+        return 1e6 / self.ops_per_s
+
+    @property
+    def raw_us(self) -> float:
+        return 1e6 / self.raw_ops_per_s
+
+
+def _compare(
+    keystore_op: Callable[[], object], raw_op: Callable[[], object], rounds: int, seconds: float
+) -> Comparison:
+    """Rounds alternate which side goes first; medians of ops/s per side."""
+    n_ks = _ops_for(keystore_op, seconds)
+    n_raw = _ops_for(raw_op, seconds)
+    ks_rates: list[float] = []
+    raw_rates: list[float] = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            raw_rates.append(_rate(raw_op, n_raw))
+            ks_rates.append(_rate(keystore_op, n_ks))
+        else:
+            ks_rates.append(_rate(keystore_op, n_ks))
+            raw_rates.append(_rate(raw_op, n_raw))
+    per_round = [k / r for k, r in zip(ks_rates, raw_rates, strict=True)]
+    ks, raw = statistics.median(ks_rates), statistics.median(raw_rates)
+    return Comparison(ks, raw, ks / raw, (min(per_round), max(per_round)), rounds, n_ks)
+
+
+# ============================================================ child phases
+
+
+def phase_setup(token: BenchToken) -> tuple[BenchKeys, dict[str, float]]:
+    """Create the 10-key token through the KeyStore: 8 AES, one RSA_2048, one P-256."""
+    _enter_token(token)
+    store = _open_keystore(token)
+    try:
+        timings: dict[str, float] = {}
+        aes: list[str] = []
+        start = time.perf_counter()
+        for _ in range(SMALL_TOKEN_KEYS - 2):
+            aes.append(store.create_key().key_metadata.key_id)
+        timings["create_aes_ms"] = (time.perf_counter() - start) * 1000 / len(aes)
+        start = time.perf_counter()
+        rsa = store.create_key(key_spec="RSA_2048", key_usage="SIGN_VERIFY").key_metadata.key_id
+        timings["create_rsa2048_ms"] = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        p256 = store.create_key(key_spec="ECC_NIST_P256", key_usage="SIGN_VERIFY").key_metadata.key_id
+        timings["create_p256_ms"] = (time.perf_counter() - start) * 1000
+        return BenchKeys(aes, rsa, p256), timings
+    finally:
+        store.close()
+
+
+def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: float) -> dict[str, Any]:
+    """KeyStore vs raw python-pkcs11 on the same objects, in one process."""
+    _enter_token(token)
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
+    from pkcs11.mechanisms import GCMParams
+
+    store = _open_keystore(token)
+    session = _raw_session(token)
+    try:
+        key_id = keys.aes[0]
+        aes_key = session.get_key(object_class=ObjectClass.SECRET_KEY, label=_label(key_id))
+        prefix = _header_prefix(key_id)
+
+        def raw_encrypt_blob(data: bytes) -> bytes:
+            iv = session.generate_random(96)  # bits
+            aad = prefix + iv  # == the KeyStore's 33-byte header: same AAD length and content
+            return bytes(prefix + iv) + aes_key.encrypt(
+                data, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, 128)
+            )
+
+        def raw_data_key() -> bytes:
+            return raw_encrypt_blob(session.generate_random(256))
+
+        rsa_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=_label(keys.rsa2048))
+        ec_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=_label(keys.p256))
+        assert rsa_key[Attribute.SENSITIVE] and not rsa_key[Attribute.EXTRACTABLE]
+
+        def raw_sign_rsa() -> bytes:
+            digest = hashlib.sha256(SIGN_MESSAGE).digest()
+            return bytes(
+                rsa_key.sign(
+                    digest,
+                    mechanism=Mechanism.RSA_PKCS_PSS,
+                    mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32),
+                )
+            )
+
+        def raw_sign_ec() -> bytes:
+            raw = ec_key.sign(hashlib.sha256(SIGN_MESSAGE).digest(), mechanism=Mechanism.ECDSA)
+            half = len(raw) // 2
+            return encode_dss_signature(
+                int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+            )
+
+        # The raw baselines must do the same work: the KeyStore accepts what they produce.
+        assert store.decrypt(ciphertext_blob=raw_encrypt_blob(PLAINTEXT)).plaintext == PLAINTEXT
+        for kid, alg, sig in (
+            (keys.rsa2048, "RSASSA_PSS_SHA_256", raw_sign_rsa()),
+            (keys.p256, "ECDSA_SHA_256", raw_sign_ec()),
+        ):
+            store.verify(key_id=kid, message=SIGN_MESSAGE, signature=sig, signing_algorithm=alg)
+
+        results: dict[str, Comparison] = {}
+        log("library: encrypt")
+        results["encrypt"] = _compare(
+            lambda: store.encrypt(key_id=key_id, plaintext=PLAINTEXT),
+            lambda: raw_encrypt_blob(PLAINTEXT),
+            rounds,
+            seconds,
+        )
+        log("library: generate_data_key")
+        results["datakey"] = _compare(
+            lambda: store.generate_data_key(key_id=key_id, key_spec="AES_256"),
+            raw_data_key,
+            rounds,
+            seconds,
+        )
+        log("library: sign RSA_2048 PSS")
+        results["sign_rsa2048"] = _compare(
+            lambda: store.sign(
+                key_id=keys.rsa2048,
+                message=SIGN_MESSAGE,
+                signing_algorithm="RSASSA_PSS_SHA_256",
+                message_type="RAW",
+            ),
+            raw_sign_rsa,
+            rounds,
+            seconds * 2,  # ~600/s: longer rounds for as many operations
+        )
+        log("library: sign ECC_NIST_P256")
+        results["sign_p256"] = _compare(
+            lambda: store.sign(
+                key_id=keys.p256,
+                message=SIGN_MESSAGE,
+                signing_algorithm="ECDSA_SHA_256",
+                message_type="RAW",
+            ),
+            raw_sign_ec,
+            rounds,
+            seconds,
+        )
+        return {name: asdict(c) for name, c in results.items()}
+    finally:
+        session.close()
+        store.close()
+
+
+def phase_latency(token: BenchToken, keys: BenchKeys, ops: int) -> dict[str, float]:
+    """A FRESH process: open, first calls, then the per-call latency median (KeyStore and raw)."""
+    _enter_token(token)
+    from pkcs11 import Mechanism, ObjectClass
+    from pkcs11.mechanisms import GCMParams
+
+    start = time.perf_counter()
+    store = _open_keystore(token)
+    opened = time.perf_counter()
+    try:
+        key_id, other_id = keys.aes[0], keys.aes[1]
+        store.encrypt(key_id=key_id, plaintext=PLAINTEXT)
+        first = time.perf_counter()
+        store.encrypt(key_id=other_id, plaintext=PLAINTEXT)
+        second_key = time.perf_counter()
+        for _ in range(min(ops // 10, 2000)):  # warm
+            store.encrypt(key_id=key_id, plaintext=PLAINTEXT)
+        samples: list[int] = []
+        clock = time.perf_counter_ns
+        gc.collect()
+        for _ in range(ops):
+            t0 = clock()
+            store.encrypt(key_id=key_id, plaintext=PLAINTEXT)
+            samples.append(clock() - t0)
+
+        # Control: the raw per-call cost on the same object, to tell token size from machine drift.
+        session = _raw_session(token)
+        try:
+            found_at = time.perf_counter()
+            aes_key = session.get_key(object_class=ObjectClass.SECRET_KEY, label=_label(key_id))
+            search_s = time.perf_counter() - found_at
+            prefix = _header_prefix(key_id)
+            raw_samples: list[int] = []
+            for i in range(ops + min(ops // 10, 2000)):
+                t0 = clock()
+                iv = session.generate_random(96)
+                aes_key.encrypt(
+                    PLAINTEXT,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(iv, prefix + iv, 128),
+                )
+                if i >= min(ops // 10, 2000):
+                    raw_samples.append(clock() - t0)
+        finally:
+            session.close()
+        return {
+            "open_ms": (opened - start) * 1000,
+            "first_call_us": (first - opened) * 1e6,
+            "second_key_first_call_us": (second_key - first) * 1e6,
+            "median_us": statistics.median(samples) / 1000,
+            "p99_us": sorted(samples)[int(0.99 * (len(samples) - 1))] / 1000,
+            "raw_median_us": statistics.median(raw_samples) / 1000,
+            "raw_label_search_ms": search_s * 1000,
+        }
+    finally:
+        store.close()
+
+
+def phase_grow(token: BenchToken, count: int) -> dict[str, float]:
+    """Add ``count`` AES keys: token objects exactly as Pkcs11Hsm.create_key makes them + catalog rows.
+
+    Not through KeyStore.create_key: its duplicate check is one C_FindObjects per create,
+    whose cost grows with the token (115-390 ms at 10,000 objects), which would make a
+    10,000-key token take far longer to build than the ~78 s of the key generation itself.
+    """
+    _enter_token(token)
+    from datetime import UTC, datetime
+
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+
+    from hsmkeys.catalog.base import KeyRecord, VersionRecord
+    from hsmkeys.catalog.sqlite import SqliteCatalog
+    from hsmkeys.keystore import default_key_policy
+    from hsmkeys.models import KeySpec, KeyState, KeyUsage, Origin
+
+    session = pkcs11.lib(token.module).get_token(token_label=token.label).open(
+        rw=True, user_pin=token.pin
+    )
+    catalog = SqliteCatalog(token.catalog)
+    policy = default_key_policy("111122223333")
+    template = {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.MODIFIABLE: False,
+    }
+    start = time.perf_counter()
+    batch: list[tuple[KeyRecord, VersionRecord]] = []
+
+    def flush() -> None:
+        with catalog.transaction():
+            for key, version in batch:
+                catalog.insert_key(key, version)
+        batch.clear()
+
+    try:
+        for i in range(count):
+            key_uuid = uuid.uuid4()
+            now = datetime.now(UTC)
+            key = KeyRecord(
+                key_uuid=key_uuid,
+                spec=KeySpec.SYMMETRIC_DEFAULT,
+                usage=KeyUsage.ENCRYPT_DECRYPT,
+                origin=Origin.AWS_KMS,
+                state=KeyState.ENABLED,
+                description="bench filler",
+                created_at=now,
+                current_version=1,
+                policy=policy,
+            )
+            version = VersionRecord(key_uuid, 1, now)
+            session.generate_key(
+                KeyType.AES,
+                256,
+                id=version.ref.object_id,
+                label=version.ref.label,
+                store=True,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                template=dict(template),
+            )
+            batch.append((key, version))
+            if len(batch) >= 500:
+                flush()
+            if (i + 1) % 1000 == 0:
+                rate = (i + 1) / (time.perf_counter() - start)
+                log(f"grow: {i + 1}/{count} keys ({rate:.0f}/s, ~{(count - i - 1) / rate:.0f} s left)")
+        if batch:
+            flush()
+        total = catalog.count_keys()
+    finally:
+        catalog.close()
+        session.close()
+    seconds = time.perf_counter() - start
+    return {"created": count, "seconds": seconds, "ms_per_key": seconds * 1000 / max(count, 1), "catalog_keys": total}
+
+
+# ============================================================ servers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server subprocess: started, awaited until ready, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self._argv = argv
+        self._env = env
+        self._proc: subprocess.Popen[str] | None = None
+        self._tail: list[str] = []
+        self._url_found = threading.Event()
+        self.url: str | None = None
+
+    def start(self, fixed_url: str | None = None) -> str:
+        """Start and wait until ready: the ``listening on`` line, or (fixed_url) a TCP answer."""
+        self._proc = subprocess.Popen(
+            self._argv,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # its own process group: stop() reaches its workers
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        if fixed_url is not None:
+            host, port = fixed_url.removeprefix("http://").split(":")
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
+                    self.url = fixed_url
+                    break
+                time.sleep(0.1)
+        else:
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                if self._url_found.wait(0.1):
+                    break
+        if self.url is None:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not become ready; last output:\n" + "\n".join(self._tail[-20:]))
+        return self.url
+
+    def _drain(self) -> None:
+        """Read the server's output (it must never block on a full pipe); keep a tail."""
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._tail.append(line.rstrip())
+            del self._tail[:-50]
+            if self.url is None:
+                match = LISTENING.search(line)
+                if match:
+                    self.url = match.group(1)
+                    self._url_found.set()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self) -> int | None:
+        """SIGTERM the process (and its group), wait, then SIGKILL. Returns the exit status."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} ignored SIGTERM for {SERVER_STOP_TIMEOUT_S:.0f} s: killing")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # Workers left behind in the group (the leader is gone): they must not outlive the bench.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+
+@dataclass(slots=True)
+class Endpoint:
+    name: str
+    server: ServerProcess
+    url: str
+    key_id: str
+    requests: int
+    runs: list[loadgen.LoadResult] = field(default_factory=list)
+
+    def median_rps(self) -> float:
+        return statistics.median(r.req_per_s for r in self.runs)
+
+
+def _create_key_with_boto3(url: str, access_key: str, secret_key: str) -> str:
+    """CreateKey, then prove Encrypt/Decrypt answer correctly before measuring."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "kms",
+        endpoint_url=url,
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(retries={"max_attempts": 1}),
+    )
+    key_id = str(client.create_key(Description="bench")["KeyMetadata"]["KeyId"])
+    blob = client.encrypt(KeyId=key_id, Plaintext=PLAINTEXT)["CiphertextBlob"]
+    assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == PLAINTEXT
+    return key_id
+
+
+def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
+    """hsmkeys serve --workers 1 and 2, and moto_server, under the same load, round-robin."""
+    access_key = "AKIA" + "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16))
+    secret_key = secrets.token_urlsafe(30)
+    base_env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    base_env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+    hsmkeys_cli = str(Path(sys.executable).parent / "hsmkeys")
+    if not Path(hsmkeys_cli).exists():
+        hsmkeys_cli = shutil.which("hsmkeys") or hsmkeys_cli
+    endpoints: list[Endpoint] = []
+    servers: list[ServerProcess] = []
+    try:
+        for workers in sorted({1, 2, args.workers}):
+            server = ServerProcess(
+                f"hsmkeys-w{workers}",
+                [hsmkeys_cli, "serve", "--ephemeral", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)],
+                base_env,
+            )
+            servers.append(server)
+            log(f"starting hsmkeys serve --ephemeral --workers {workers}")
+            url = server.start()
+            key_id = _create_key_with_boto3(url, access_key, secret_key)
+            endpoints.append(Endpoint(server.name, server, url, key_id, args.requests))
+        port = _free_port()
+        moto = ServerProcess(
+            "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], base_env
+        )
+        servers.append(moto)
+        log("starting moto_server")
+        url = moto.start(fixed_url=f"http://127.0.0.1:{port}")
+        key_id = _create_key_with_boto3(url, access_key, secret_key)
+        endpoints.append(Endpoint("moto", moto, url, key_id, args.moto_requests))
+
+        for round_no in range(args.server_rounds):
+            order = endpoints[round_no % len(endpoints) :] + endpoints[: round_no % len(endpoints)]
+            for endpoint in order:
+                spec = loadgen.LoadSpec(
+                    endpoint=endpoint.url,
+                    access_key_id=access_key,
+                    secret_access_key=secret_key,
+                    region=REGION,
+                    target="Encrypt",
+                    payload=loadgen.encrypt_payload(endpoint.key_id, PLAINTEXT),
+                    clients=args.clients,
+                    requests_per_client=max(1, endpoint.requests // args.clients),
+                    warmup_per_client=args.warmup,
+                )
+                result = loadgen.run_load(spec)
+                if result.errors:
+                    raise RuntimeError(f"{endpoint.name}: {result.errors} failed requests; first: {result.first_error}")
+                endpoint.runs.append(result)
+                log(
+                    f"server round {round_no + 1}/{args.server_rounds} {endpoint.name}: "
+                    f"{result.req_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, workers {sorted(result.workers.values())}"
+                )
+    finally:
+        for server in servers:
+            status = server.stop()
+            log(f"stopped {server.name} (exit {status})")
+    by_name = {e.name: e for e in endpoints}
+    return {
+        name: {
+            "req_per_s": e.median_rps(),
+            "runs_req_per_s": [r.req_per_s for r in e.runs],
+            "p50_ms": statistics.median(r.p50_ms for r in e.runs),
+            "p99_ms": statistics.median(r.p99_ms for r in e.runs),
+            "requests_per_run": e.runs[0].requests if e.runs else 0,
+            "answers_per_worker_last_run": sorted(e.runs[-1].workers.values()) if e.runs else [],
+        }
+        for name, e in by_name.items()
+    }
+
+
+# ============================================================ orchestration and report
+
+
+def _target_entry(name: str, value: float | None) -> dict[str, Any]:
+    op, threshold = TARGETS[name]
+    met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    entry: dict[str, Any] = {"value": value, "target": f"{op} {threshold:g}", "met": met}
+    if name in REQUIRED:
+        rop, rthreshold = REQUIRED[name]
+        entry["required"] = f"{rop} {rthreshold:g}"
+        entry["required_met"] = None if value is None else value >= rthreshold
+    return entry
+
+
+def _softhsm_version() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["softhsm2-util", "--version"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    return "unknown"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="hsmkeys benchmark: ratios against peers measured in the same run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--keys", type=int, default=10_000, help="keys in the token for the latency ratio (<= 10 skips it)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per library comparison")
+    p.add_argument("--round-seconds", type=float, default=0.4, help="target length of one round per side")
+    p.add_argument("--latency-ops", type=int, default=20_000, help="timed encrypt calls per latency process")
+    p.add_argument("--latency-procs", type=int, default=3, help="fresh processes per token size")
+    p.add_argument("--server", action="store_true", help="also benchmark hsmkeys serve and moto_server")
+    p.add_argument("--workers", type=int, default=2, help="hsmkeys workers for server_encrypt_vs_moto / _vs_library")
+    p.add_argument("--clients", type=int, default=4, help="load generator processes (one keep-alive connection each)")
+    p.add_argument("--requests", type=int, default=12_000, help="measured requests per hsmkeys run")
+    p.add_argument("--moto-requests", type=int, default=1_500, help="measured requests per moto run")
+    p.add_argument("--warmup", type=int, default=50, help="unmeasured requests per client before each run")
+    p.add_argument("--server-rounds", type=int, default=3, help="rounds over the servers (medians)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--check", action="store_true", help="exit 1 if a measured target is missed")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (token, catalog)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.latency_procs < 1 or args.server_rounds < 1 or args.clients < 1:
+        p.error("--rounds, --latency-procs, --server-rounds and --clients must be at least 1")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    return args
+
+
+def _median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from hsmkeys.hsm import softhsm
+
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "bench": "hsmkeys",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "softhsm2": _softhsm_version(),
+        },
+        "params": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("json", "check", "keep")
+        },
+        "errors": [],
+    }
+    figures: dict[str, Any] = {}
+    ratios: dict[str, float | None] = dict.fromkeys(
+        ("encrypt_vs_raw", "datakey_vs_raw", "encrypt_latency_10k_vs_10", "sign_rsa2048_vs_raw", "sign_p256_vs_raw"),
+        None,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="hsmkeys-bench-"))
+    try:
+        conf = softhsm.write_conf(tmp)
+        token = BenchToken(
+            conf=str(conf),
+            module=str(softhsm.find_module()),
+            label=TOKEN_LABEL,
+            pin=secrets.token_hex(8),
+            catalog=str(tmp / "catalog.sqlite3"),
+        )
+        softhsm.init_token(conf, token.label, token.pin, secrets.token_hex(8))
+        os.environ["SOFTHSM2_CONF"] = token.conf  # inherited by the spawned phases
+        log(f"token in {tmp}")
+
+        keys, create_timings = _in_fresh_process(phase_setup, token, timeout=300)
+        figures["create"] = create_timings
+
+        def guarded(name: str, fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                report["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+                log(f"{name} FAILED:\n{traceback.format_exc()}")
+
+        latency: dict[str, list[dict[str, float]]] = {}
+
+        def measure_latency(size: int) -> None:
+            runs = []
+            for i in range(args.latency_procs):
+                log(f"latency with {size} keys: fresh process {i + 1}/{args.latency_procs}")
+                runs.append(_in_fresh_process(phase_latency, token, keys, args.latency_ops, timeout=600))
+            latency[str(size)] = runs
+
+        guarded("latency@10", lambda: measure_latency(SMALL_TOKEN_KEYS))
+
+        def library() -> None:
+            lib = _in_fresh_process(phase_library, token, keys, args.rounds, args.round_seconds, timeout=1800)
+            figures["library"] = lib
+            for name in ("encrypt", "datakey", "sign_rsa2048", "sign_p256"):
+                ratios[f"{name}_vs_raw"] = lib[name]["ratio"]
+
+        guarded("library", library)
+
+        if args.keys > SMALL_TOKEN_KEYS:
+
+            def grow_and_measure() -> None:
+                count = args.keys - SMALL_TOKEN_KEYS
+                log(f"grow: adding {count} AES keys (~{count * 0.008:.0f} s)")
+                figures["grow"] = _in_fresh_process(phase_grow, token, count, timeout=120 + count * 0.1)
+                measure_latency(args.keys)
+
+            guarded("latency@N", grow_and_measure)
+        if latency:
+            figures["latency"] = {
+                size: {
+                    key: _median_of(runs, key)
+                    for key in runs[0]
+                }
+                | {"processes": len(runs)}
+                for size, runs in latency.items()
+            }
+            small, big = latency.get(str(SMALL_TOKEN_KEYS)), latency.get(str(args.keys))
+            if small and big and args.keys > SMALL_TOKEN_KEYS:
+                ratios["encrypt_latency_10k_vs_10"] = _median_of(big, "median_us") / _median_of(small, "median_us")
+                figures["latency"]["raw_control_ratio"] = _median_of(big, "raw_median_us") / _median_of(
+                    small, "raw_median_us"
+                )
+
+        if args.server:
+
+            def servers() -> None:
+                srv = phase_servers(args)
+                figures["server"] = srv
+                main_name = f"hsmkeys-w{args.workers}"
+                ratios["server_encrypt_vs_moto"] = srv[main_name]["req_per_s"] / srv["moto"]["req_per_s"]
+                ratios["server_2workers_vs_1"] = srv["hsmkeys-w2"]["req_per_s"] / srv["hsmkeys-w1"]["req_per_s"]
+                if "library" in figures:
+                    ratios["server_vs_library"] = (
+                        srv[main_name]["req_per_s"] / figures["library"]["encrypt"]["ops_per_s"]
+                    )
+
+            for name in ("server_encrypt_vs_moto", "server_2workers_vs_1", "server_vs_library"):
+                ratios[name] = None
+            guarded("server", servers)
+    finally:
+        os.environ.pop("SOFTHSM2_CONF", None)
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.update(ratios)
+    report["targets"] = {name: _target_entry(name, ratios[name]) for name in TARGETS if name in ratios}
+    report["figures"] = figures
+    report["seconds"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    params = report["params"]
+    lines.append(
+        f"hsmkeys bench: {report['machine']['cpus']} cpus, python {report['machine']['python']}, "
+        f"softhsm2 {report['machine']['softhsm2']}, keys={params['keys']}, rounds={params['rounds']}, "
+        f"{report['seconds']} s"
+    )
+    lines.append("")
+    lines.append(f"{'ratio':<28}{'value':>8}  {'target':<10}{'met':<5}")
+    names = [n for n in (*TARGETS, "server_vs_library") if n in report]
+    for name in names:
+        value = report[name]
+        entry = report["targets"].get(name)
+        target = entry["target"] if entry else "-"
+        met = "-" if not entry or entry["met"] is None else ("yes" if entry["met"] else "NO")
+        extra = ""
+        if entry and "required" in entry and entry["required_met"] is not None:
+            extra = f"  (required {entry['required']}: {'yes' if entry['required_met'] else 'NO'})"
+        lines.append(f"{name:<28}{_fmt(value):>8}  {target:<10}{met:<5}{extra}")
+
+    figures = report["figures"]
+    lines.append("")
+    lines.append(f"{'figure':<44}{'ops/s':>10}{'µs/op':>10}   {'spread of per-round ratios'}")
+    for name, label in (
+        ("encrypt", "encrypt 32 B"),
+        ("datakey", "generate_data_key AES_256"),
+        ("sign_rsa2048", "sign RSA_2048 PSS SHA-256"),
+        ("sign_p256", "sign ECC_NIST_P256 ECDSA SHA-256"),
+    ):
+        c = figures.get("library", {}).get(name)
+        if c is None:
+            continue
+        lo, hi = c["ratio_spread"]
+        lines.append(f"  KeyStore {label:<33}{c['ops_per_s']:>10,.0f}{1e6 / c['ops_per_s']:>10.1f}   {lo:.2f}-{hi:.2f}")
+        lines.append(f"  raw      {label:<33}{c['raw_ops_per_s']:>10,.0f}{1e6 / c['raw_ops_per_s']:>10.1f}")
+    for size, lat in figures.get("latency", {}).items():
+        if not isinstance(lat, dict):
+            continue
+        lines.append(
+            f"  latency, {size} keys in the token ({lat['processes']} fresh processes, medians): "
+            f"KeyStore {lat['median_us']:.1f} µs (p99 {lat['p99_us']:.1f}), raw {lat['raw_median_us']:.1f} µs; "
+            f"open {lat['open_ms']:.0f} ms, first call {lat['first_call_us'] / 1000:.1f} ms, "
+            f"first call on a 2nd key {lat['second_key_first_call_us']:.0f} µs, "
+            f"raw label search {lat['raw_label_search_ms']:.1f} ms"
+        )
+    if "raw_control_ratio" in figures.get("latency", {}):
+        lines.append(f"  raw encrypt latency ratio (control, same sizes): {figures['latency']['raw_control_ratio']:.2f}")
+    if "grow" in figures:
+        g = figures["grow"]
+        lines.append(f"  token grown by {g['created']} AES keys in {g['seconds']:.0f} s ({g['ms_per_key']:.1f} ms/key)")
+    if "create" in figures:
+        c = figures["create"]
+        lines.append(
+            f"  KeyStore.create_key: AES {c['create_aes_ms']:.1f} ms, RSA_2048 {c['create_rsa2048_ms']:.0f} ms, "
+            f"P-256 {c['create_p256_ms']:.1f} ms"
+        )
+    for name, s in figures.get("server", {}).items():
+        runs = ", ".join(f"{x:,.0f}" for x in s["runs_req_per_s"])
+        workers = f", answers per worker {s['answers_per_worker_last_run']}" if s["answers_per_worker_last_run"] else ""
+        lines.append(
+            f"  server {name:<12} Encrypt {s['req_per_s']:>8,.0f} req/s (runs {runs}; p50 {s['p50_ms']:.2f} ms, "
+            f"p99 {s['p99_ms']:.2f} ms{workers})"
+        )
+    if "server" in figures:
+        lines.append(
+            f"  load: {params['clients']} client processes x 1 keep-alive connection, "
+            f"{params['requests']} (moto {params['moto_requests']}) requests per run, "
+            f"server_encrypt_vs_moto and server_vs_library use --workers {params['workers']}"
+        )
+    for error in report["errors"]:
+        lines.append(f"ERROR {error}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("SOFTHSM2_CONF"):
+        log("ignoring SOFTHSM2_CONF from the environment: the bench makes its own token")
+        os.environ.pop("SOFTHSM2_CONF")
+    report = run(args)
+    print(render_table(report))
+    if args.json:
+        print(json.dumps(report, sort_keys=False, default=str))
+    if report["errors"]:
+        return 1
+    if args.check and any(
+        entry["met"] is False for entry in report["targets"].values()
+    ):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

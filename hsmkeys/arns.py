@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class ArnScope:
         return arn[len(self.prefix) :] if arn.startswith(self.prefix) else None
 
 
+@functools.lru_cache(maxsize=8192)  # on every request's path; ids repeat
 def parse_uuid(text: str) -> uuid.UUID | None:
     """The key UUID in canonical form, or None (KMS key ids are lowercase, hyphenated)."""
     if len(text) != 36:

@@ -51,6 +51,7 @@ from hsmkeys.errors import (
     ValidationException,
 )
 from hsmkeys.hsm.base import AUDIT_KEY_REF, RESERVED_UUID, Hsm
+from hsmkeys.ivs import IvPool
 from hsmkeys.models import (
     AliasListEntry,
     CancelKeyDeletionResult,
@@ -213,6 +214,7 @@ class KeyStore(AsymmetricOperations):
         audit: AuditLog | None = None,
     ) -> None:
         self._hsm = hsm
+        self._ivs = IvPool(hsm.random)
         self._catalog = catalog
         self._clock = clock or SystemClock()
         self._scope = ArnScope(region, account_id)
@@ -384,7 +386,7 @@ class KeyStore(AsymmetricOperations):
     def _seal(self, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         """Encrypt under the key's current version into a blob."""
         version = key.current_version
-        iv = self._hsm.random(ciphertext.IV_LEN)
+        iv = self._ivs.take()
         header = ciphertext.header(key.key_uuid, version, iv)
         body = self._hsm.encrypt_aes_gcm(
             KeyVersionRef(key.key_uuid, version), iv, header + ciphertext.canonical_context(context), plaintext

@@ -4,6 +4,16 @@ Several processes (server workers, ``hsmkeys maintain``) may open the same file;
 commit is visible to the others at their next statement. Within a process one
 connection is shared by all threads behind a lock.
 
+``get_key`` and ``get_alias`` sit on every request's path, so their answers are cached
+per process and validated by a generation counter in ``<catalog>-gen`` (an mmap'd
+8-byte file beside the database) that every SqliteCatalog bumps after each commit. A
+reader compares one integer in shared memory instead of running a statement, and a
+change committed by any process is seen by every other at its next call. The counter
+is read before the database, so a cached answer is never newer than the generation it
+is tagged with. Entries also expire after ``CACHE_MAX_AGE_SECONDS`` to bound
+staleness should a writer die between its commit and its bump. Writers that bypass
+SqliteCatalog (the sqlite3 shell) must be followed by a restart or that expiry.
+
 Timestamps are stored as integer microseconds since the Unix epoch (UTC), so they
 round-trip exactly and compare as integers in the due-rotation / due-purge queries.
 UUIDs are stored as their canonical lower-case string, whose order is the UUID order.
@@ -15,12 +25,15 @@ other SQLite failure (details are logged, not returned).
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
+import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +51,9 @@ from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, Origin, R
 _log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_SECONDS = 5.0
+CACHE_MAX_AGE_SECONDS = 1.0
+CACHE_MAX_ENTRIES = 65536
+_MISS = object()
 
 #: Schema migrations, applied in order; migration n (1-based) brings the schema to
 #: version n. Append new tuples; never edit a released one.
@@ -208,6 +224,45 @@ def _integrity(exc: sqlite3.IntegrityError, *, exists: str, missing: str) -> KMS
     return _internal("integrity", exc)
 
 
+class _Generation:
+    """A commit counter shared by every process that opens the same catalog file."""
+
+    def __init__(self, path: str | None) -> None:
+        self._fd = -1
+        if path is None:  # ":memory:" is private to this connection
+            self._map: mmap.mmap | bytearray = bytearray(8)
+            return
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(self._fd).st_size < 8:
+                os.ftruncate(self._fd, 8)  # zero-filled; growing it twice is harmless
+            self._map = mmap.mmap(self._fd, 8)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def read(self) -> int:
+        return int.from_bytes(self._map[0:8], "little")
+
+    def bump(self) -> None:
+        """Add one, serialised across processes by flock (commits themselves are not)."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._map[0:8] = ((self.read() + 1) % (1 << 64)).to_bytes(8, "little")
+        finally:
+            if self._fd >= 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+            self._map = bytearray(8)  # reads after close reach the (closed) database and fail there
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class SqliteCatalog:
     """The Catalog protocol over one SQLite file (or ``":memory:"`` for tests)."""
 
@@ -216,9 +271,13 @@ class SqliteCatalog:
         # RLock: transaction() holds it across the calls it encloses, which lock again.
         self._lock = threading.RLock()
         self._depth = 0
+        self._cache: dict[object, Any] = {}  # uuid -> KeyRecord | None, name -> AliasRecord | None
+        self._cache_generation = -1
+        self._cache_expires = 0.0
         try:
             if target != ":memory:":
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
+            self._generation = _Generation(None if target == ":memory:" else target + "-gen")
             self._conn = sqlite3.connect(
                 target,
                 timeout=BUSY_TIMEOUT_SECONDS,
@@ -236,6 +295,7 @@ class SqliteCatalog:
             self._migrate()
         except BaseException:
             self._conn.close()
+            self._generation.close()
             raise
 
     # ------------------------------------------------------------- setup
@@ -332,6 +392,30 @@ class SqliteCatalog:
             except sqlite3.Error as exc:
                 self._undo(0, savepoint)
                 raise _internal("commit", exc) from exc
+            self._generation.bump()
+
+    def _cached(self, key: object, load: Callable[[], Any]) -> Any:
+        """``load()``, answered from the per-process cache while the generation is unchanged.
+
+        Inside a transaction the database is read directly and nothing is cached.
+        """
+        with self._lock:
+            if self._depth:
+                return load()
+            generation = self._generation.read()  # before the database: see the module docstring
+            now = time.monotonic()
+            if (
+                generation != self._cache_generation
+                or now >= self._cache_expires
+                or len(self._cache) >= CACHE_MAX_ENTRIES
+            ):
+                self._cache.clear()
+                self._cache_generation = generation
+                self._cache_expires = now + CACHE_MAX_AGE_SECONDS
+            found = self._cache.get(key, _MISS)
+            if found is _MISS:
+                found = self._cache[key] = load()
+            return found
 
     def _undo(self, depth: int, savepoint: str) -> None:
         try:
@@ -363,6 +447,7 @@ class SqliteCatalog:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            self._generation.close()
 
     # ------------------------------------------------------------- keys
 
@@ -381,9 +466,12 @@ class SqliteCatalog:
             self._insert_version(first_version)
 
     def get_key(self, key_uuid: uuid.UUID) -> KeyRecord | None:
+        found: KeyRecord | None = self._cached(key_uuid, lambda: self._load_key(key_uuid))
+        return found
+
+    def _load_key(self, key_uuid: uuid.UUID) -> KeyRecord | None:
         try:
-            with self._lock:
-                row = self._conn.execute(_GET_KEY, (str(key_uuid),)).fetchone()
+            row = self._conn.execute(_GET_KEY, (str(key_uuid),)).fetchone()
             return None if row is None else _key_from_row(row, key_uuid)
         except (sqlite3.Error, KeyError, TypeError) as exc:
             raise _internal("get_key", exc) from exc
@@ -497,6 +585,10 @@ class SqliteCatalog:
                 ) from exc
 
     def get_alias(self, name: str) -> AliasRecord | None:
+        found: AliasRecord | None = self._cached(("alias", name), lambda: self._load_alias(name))
+        return found
+
+    def _load_alias(self, name: str) -> AliasRecord | None:
         rows = self._read(
             "get_alias", f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE name = ?", (name,)
         )

@@ -20,15 +20,16 @@ import hmac
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from hsmkeys import keyspecs
+from hsmkeys.algorithms import CURVES, OAEP_HASHES, PSS, SIGNING_HASHES
 from hsmkeys.catalog.base import KeyRecord
+from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     DryRunOperationException,
     InvalidCiphertextException,
@@ -69,50 +70,7 @@ MAX_MESSAGE = 4096  # Sign/Verify/GenerateMac/VerifyMac Message (PlaintextType)
 MAX_SIGNATURE = 6144  # Verify Signature and VerifyMac Mac (CiphertextType)
 MAX_PEER_PUBLIC_KEY = 8192  # DeriveSharedSecret PublicKey (PublicKeyType)
 
-_INVALID_CIPHERTEXT = "The ciphertext is invalid."
 
-# Hash objects are stateless descriptions, safe to share.
-_HASHES: MappingProxyType[SigningAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
-    {
-        SigningAlgorithm.RSASSA_PSS_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.RSASSA_PSS_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.RSASSA_PSS_SHA_512: hashes.SHA512(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512: hashes.SHA512(),
-        SigningAlgorithm.ECDSA_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.ECDSA_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.ECDSA_SHA_512: hashes.SHA512(),
-    }
-)
-_PSS = frozenset(
-    {
-        SigningAlgorithm.RSASSA_PSS_SHA_256,
-        SigningAlgorithm.RSASSA_PSS_SHA_384,
-        SigningAlgorithm.RSASSA_PSS_SHA_512,
-    }
-)
-_PKCS1 = frozenset(
-    {
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256,
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384,
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512,
-    }
-)
-_OAEP_HASHES: MappingProxyType[EncryptionAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
-    {
-        EncryptionAlgorithm.RSAES_OAEP_SHA_1: hashes.SHA1(),
-        EncryptionAlgorithm.RSAES_OAEP_SHA_256: hashes.SHA256(),
-    }
-)
-_CURVES: MappingProxyType[KeySpec, ec.EllipticCurve] = MappingProxyType(
-    {
-        KeySpec.ECC_NIST_P256: ec.SECP256R1(),
-        KeySpec.ECC_NIST_P384: ec.SECP384R1(),
-        KeySpec.ECC_NIST_P521: ec.SECP521R1(),
-        KeySpec.ECC_SECG_P256K1: ec.SECP256K1(),
-    }
-)
 
 # Values in KMS's own enums that hsmkeys does not implement: KMS accepts them as
 # parameters and then refuses them for the key, so they are not ValidationExceptions.
@@ -221,12 +179,12 @@ class AsymmetricOperations:
         if dry_run:
             raise _dry_run("Verify")
         public = self._public_key(key).key
-        hash_alg = _HASHES[algorithm]
+        hash_alg = SIGNING_HASHES[algorithm]
         try:
             if isinstance(public, rsa.RSAPublicKey):
                 pad: padding.AsymmetricPadding = (
                     padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
-                    if algorithm in _PSS
+                    if algorithm in PSS
                     else padding.PKCS1v15()
                 )
                 public.verify(signature, digest, pad, Prehashed(hash_alg))
@@ -260,7 +218,7 @@ class AsymmetricOperations:
         self._require_usage(key, KeyUsage.SIGN_VERIFY)
         if algorithm is None or algorithm not in keyspecs.signing_algorithms(key.spec, key.usage):
             raise _incompatible(signing_algorithm, key.spec)
-        hash_alg = _HASHES[algorithm]
+        hash_alg = SIGNING_HASHES[algorithm]
         if kind is MessageType.DIGEST:
             if len(message) != hash_alg.digest_size:
                 raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
@@ -279,7 +237,7 @@ class AsymmetricOperations:
         """
         check_grant_tokens(grant_tokens)
         key = self._usable(key_id)
-        if key.spec not in keyspecs.RSA_BITS and key.spec not in _CURVES:
+        if key.spec not in keyspecs.RSA_BITS and key.spec not in CURVES:
             raise UnsupportedOperationException(
                 f"{self._arn(key.key_uuid)} key spec {key.spec} has no public key; "
                 "GetPublicKey needs an asymmetric KMS key."
@@ -348,7 +306,7 @@ class AsymmetricOperations:
         public = self._public_key(key).key
         if not isinstance(public, rsa.RSAPublicKey):
             raise KMSInternalException("The HSM returned a non-RSA public key for an RSA key.")
-        hash_alg = _OAEP_HASHES[oaep]
+        hash_alg = OAEP_HASHES[oaep]
         ciphertext = public.encrypt(
             plaintext, padding.OAEP(mgf=padding.MGF1(hash_alg), algorithm=hash_alg, label=None)
         )
@@ -378,19 +336,19 @@ class AsymmetricOperations:
         """
         if algorithm is None or algorithm == EncryptionAlgorithm.SYMMETRIC_DEFAULT:
             self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT)
         oaep = self._rsa_algorithm(key, algorithm)
         _refuse_context(encryption_context)
         if dry_run:
             raise _dry_run("Decrypt")
         if len(ciphertext) != keyspecs.RSA_BITS[key.spec] // 8:
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT)
         ref = KeyVersionRef(key.key_uuid, key.current_version)
         try:
             plaintext = self._hsm.decrypt_rsa_oaep(ref, oaep, bytes(ciphertext))
         except InvalidCiphertextException:
             # Re-raised with our fixed message whatever detail the backend gave.
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT) from None
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT) from None
         self._used(key, key.current_version)
         return DecryptResult(
             key_id=self._arn(key.key_uuid),
@@ -405,7 +363,7 @@ class AsymmetricOperations:
             check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm)
         self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
         name = EncryptionAlgorithm.SYMMETRIC_DEFAULT if algorithm is None else algorithm
-        if name not in _OAEP_HASHES or name not in keyspecs.encryption_algorithms(
+        if name not in OAEP_HASHES or name not in keyspecs.encryption_algorithms(
             key.spec, key.usage
         ):
             raise _incompatible(name, key.spec)
@@ -641,7 +599,7 @@ def _dry_run(operation: str) -> DryRunOperationException:
 
 def _peer_public_key(der: bytes, spec: KeySpec) -> bytes:
     """The peer key re-encoded as canonical DER SPKI (uncompressed point) after checking its curve."""
-    curve = _CURVES[spec]
+    curve = CURVES[spec]
     try:
         peer = serialization.load_der_public_key(der)
     except (ValueError, UnsupportedAlgorithm):

@@ -24,6 +24,8 @@ TAG_LEN = 16
 HEADER_LEN = 1 + 16 + 4 + IV_LEN
 MIN_BLOB_LEN = HEADER_LEN + TAG_LEN
 _HEADER = struct.Struct(">B16sI12s")
+#: The one message of every InvalidCiphertextException: it says nothing of what failed.
+INVALID_CIPHERTEXT = "The ciphertext is invalid."
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +52,10 @@ def header(key_uuid: uuid.UUID, version: int, iv: bytes) -> bytes:
 def unpack(data: bytes) -> Blob:
     """Parse a blob; anything malformed is InvalidCiphertextException."""
     if len(data) < MIN_BLOB_LEN or data[0] != FORMAT_VERSION:
-        raise InvalidCiphertextException("The ciphertext is invalid.")
+        raise InvalidCiphertextException(INVALID_CIPHERTEXT)
     _, raw_uuid, version, iv = _HEADER.unpack_from(data)
     if version < 1:
-        raise InvalidCiphertextException("The ciphertext is invalid.")
+        raise InvalidCiphertextException(INVALID_CIPHERTEXT)
     return Blob(uuid.UUID(bytes=raw_uuid), version, iv, data[HEADER_LEN:])
 
 

@@ -410,7 +410,7 @@ class KeyStore(AsymmetricOperations):
             or key.spec is not KeySpec.SYMMETRIC_DEFAULT
             or blob.version > key.current_version
         ):
-            raise InvalidCiphertextException("The ciphertext is invalid.")
+            raise InvalidCiphertextException(ciphertext.INVALID_CIPHERTEXT)
         self._require_enabled(key)
         ref = KeyVersionRef(key.key_uuid, blob.version)
         try:

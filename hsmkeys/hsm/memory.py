@@ -20,15 +20,16 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives import hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsmkeys import keyspecs
+from hsmkeys.algorithms import CURVES, MAC_HASHES, OAEP_HASHES, PSS, SIGNING_HASHES
+from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     AlreadyExistsException,
     InvalidCiphertextException,
@@ -55,50 +56,7 @@ TAG_LEN = 16
 AES_KEY_BYTES = 32
 RSA_PUBLIC_EXPONENT = 65537
 
-_INVALID_CIPHERTEXT = "The ciphertext is invalid."
 
-_CURVES: MappingProxyType[str, ec.EllipticCurve] = MappingProxyType(
-    {
-        KeySpec.ECC_NIST_P256: ec.SECP256R1(),
-        KeySpec.ECC_NIST_P384: ec.SECP384R1(),
-        KeySpec.ECC_NIST_P521: ec.SECP521R1(),
-        KeySpec.ECC_SECG_P256K1: ec.SECP256K1(),
-    }
-)
-_SIGNING_HASHES: MappingProxyType[SigningAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
-    {
-        SigningAlgorithm.RSASSA_PSS_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.RSASSA_PSS_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.RSASSA_PSS_SHA_512: hashes.SHA512(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512: hashes.SHA512(),
-        SigningAlgorithm.ECDSA_SHA_256: hashes.SHA256(),
-        SigningAlgorithm.ECDSA_SHA_384: hashes.SHA384(),
-        SigningAlgorithm.ECDSA_SHA_512: hashes.SHA512(),
-    }
-)
-_PSS = frozenset(
-    {
-        SigningAlgorithm.RSASSA_PSS_SHA_256,
-        SigningAlgorithm.RSASSA_PSS_SHA_384,
-        SigningAlgorithm.RSASSA_PSS_SHA_512,
-    }
-)
-_OAEP_HASHES: MappingProxyType[EncryptionAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
-    {
-        EncryptionAlgorithm.RSAES_OAEP_SHA_1: hashes.SHA1(),
-        EncryptionAlgorithm.RSAES_OAEP_SHA_256: hashes.SHA256(),
-    }
-)
-_MAC_HASHES: MappingProxyType[MacAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
-    {
-        MacAlgorithm.HMAC_SHA_224: hashes.SHA224(),
-        MacAlgorithm.HMAC_SHA_256: hashes.SHA256(),
-        MacAlgorithm.HMAC_SHA_384: hashes.SHA384(),
-        MacAlgorithm.HMAC_SHA_512: hashes.SHA512(),
-    }
-)
 
 _PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -188,11 +146,11 @@ class MemoryHsm:
         key = self._secret(ref, KeySpec.SYMMETRIC_DEFAULT, "decrypt")
         # pyca accepts other IV lengths and would read a short body as a short tag.
         if len(iv) != IV_LEN or len(ciphertext) < TAG_LEN:
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT)
         try:
             return AESGCM(key).decrypt(iv, ciphertext, aad)
         except (InvalidTag, ValueError, OverflowError):
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT) from None
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT) from None
 
     # ---------------------------------------------------------- asymmetric / HMAC
 
@@ -206,14 +164,14 @@ class MemoryHsm:
         key = self._get(ref)
         if algorithm not in keyspecs.signing_algorithms(key.spec, key.usage):
             raise _not_permitted(ref, key, algorithm)
-        hash_alg = _SIGNING_HASHES[algorithm]
+        hash_alg = SIGNING_HASHES[algorithm]
         if len(digest) != hash_alg.digest_size:
             raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
         material = key.material
         if isinstance(material, rsa.RSAPrivateKey):
             pad: padding.AsymmetricPadding = (
                 padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
-                if algorithm in _PSS
+                if algorithm in PSS
                 else padding.PKCS1v15()
             )
             return material.sign(digest, pad, Prehashed(hash_alg))
@@ -226,7 +184,7 @@ class MemoryHsm:
     ) -> bytes:
         key = self._get(ref)
         material = key.material
-        hash_alg = _OAEP_HASHES.get(algorithm)
+        hash_alg = OAEP_HASHES.get(algorithm)
         if (
             hash_alg is None
             or not isinstance(material, rsa.RSAPrivateKey)
@@ -239,7 +197,7 @@ class MemoryHsm:
                 padding.OAEP(mgf=padding.MGF1(hash_alg), algorithm=hash_alg, label=None),
             )
         except (ValueError, TypeError):
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT) from None
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT) from None
 
     def mac(self, ref: KeyVersionRef, algorithm: MacAlgorithm, message: bytes) -> bytes:
         key = self._get(ref)
@@ -248,7 +206,7 @@ class MemoryHsm:
             key.spec, key.usage
         ):
             raise _not_permitted(ref, key, algorithm)
-        h = hmac.HMAC(material, _MAC_HASHES[algorithm])
+        h = hmac.HMAC(material, MAC_HASHES[algorithm])
         h.update(message)
         return h.finalize()
 
@@ -315,8 +273,8 @@ def _generate(spec: KeySpec) -> bytes | _PrivateKey:
         return os.urandom(keyspecs.HMAC_KEY_BYTES[spec])
     if spec in keyspecs.RSA_BITS:
         return rsa.generate_private_key(RSA_PUBLIC_EXPONENT, keyspecs.RSA_BITS[spec])
-    if spec in _CURVES:
-        return ec.generate_private_key(_CURVES[spec])
+    if spec in CURVES:
+        return ec.generate_private_key(CURVES[spec])
     raise ValidationException(f"Key spec {spec} is not supported.")
 
 

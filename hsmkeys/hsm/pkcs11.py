@@ -56,6 +56,7 @@ from pkcs11.types import (
 )
 
 from hsmkeys import keyspecs
+from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     AlreadyExistsException,
     ConfigError,
@@ -90,7 +91,6 @@ LABEL_PREFIX = "hsmkeys/"
 GCM_IV_LEN = 12
 GCM_TAG_LEN = 16
 _OBJECT_ID_LEN = 20
-_INVALID_CIPHERTEXT = "The ciphertext is invalid."
 
 # --------------------------------------------------------------- key material tables
 
@@ -216,7 +216,7 @@ _STALE_HANDLE: tuple[type[ckr.PKCS11Error], ...] = (ckr.ObjectHandleInvalid, ckr
 def _kms_error(exc: ckr.PKCS11Error, *, what: str, decrypt: bool = False) -> KMSError:
     """The one mapping from a PKCS#11 exception to a KMS error."""
     if decrypt and isinstance(exc, _DECRYPT_FAILURES):
-        return InvalidCiphertextException(_INVALID_CIPHERTEXT)
+        return InvalidCiphertextException(INVALID_CIPHERTEXT)
     for ck_type, kms_type in _ERROR_TABLE:
         if isinstance(exc, ck_type):
             return kms_type(f"HSM refused {what}: {type(exc).__name__}")
@@ -521,13 +521,13 @@ class Pkcs11Hsm:
     def decrypt_aes_gcm(self, ref: KeyVersionRef, iv: bytes, aad: bytes, ciphertext: bytes) -> bytes:
         # SoftHSM2 accepts short IVs and tags: enforce both here.
         if len(iv) != GCM_IV_LEN or len(ciphertext) < GCM_TAG_LEN:
-            raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT)
         params = GCMParams(bytes(iv), bytes(aad), GCM_TAG_LEN * 8)
 
         def run(objects: _KeyObjects) -> bytes:
             key = objects.secret
             if not isinstance(key, DecryptMixin):
-                raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+                raise InvalidCiphertextException(INVALID_CIPHERTEXT)
             return _as_bytes(key.decrypt(bytes(ciphertext), mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
         return self._with_objects(ref, "decrypt", run, decrypt=True)
@@ -593,10 +593,10 @@ class Pkcs11Hsm:
         def run(objects: _KeyObjects) -> bytes:
             key = objects.private
             if not isinstance(key, DecryptMixin) or key.key_type is not KeyType.RSA:
-                raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+                raise InvalidCiphertextException(INVALID_CIPHERTEXT)
             k = len(key[Attribute.MODULUS])
             if len(ciphertext) != k:
-                raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+                raise InvalidCiphertextException(INVALID_CIPHERTEXT)
             if info is _SHA1:
                 return _as_bytes(
                     key.decrypt(
@@ -842,7 +842,7 @@ def _oaep_decode(em: bytes, hash_name: str, k: int) -> bytes:
     """
     h_len = hashlib.new(hash_name).digest_size
     if k < 2 * h_len + 2 or len(em) != k:
-        raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+        raise InvalidCiphertextException(INVALID_CIPHERTEXT)
     l_hash = hashlib.new(hash_name, b"").digest()
     y = em[0]
     masked_seed, masked_db = em[1 : 1 + h_len], em[1 + h_len :]
@@ -860,5 +860,5 @@ def _oaep_decode(em: bytes, hash_name: str, k: int) -> bytes:
         bad_padding |= looking & (1 - is_zero) & (1 - is_one)
         looking &= 1 - is_one
     if not (good & (1 - looking) & (1 - bad_padding)):
-        raise InvalidCiphertextException(_INVALID_CIPHERTEXT)
+        raise InvalidCiphertextException(INVALID_CIPHERTEXT)
     return db[h_len + separator + 1 :]

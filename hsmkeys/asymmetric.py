@@ -455,13 +455,9 @@ class AsymmetricOperations:
         UnsupportedOperationException (a KMS pair spec hsmkeys does not offer), the
         key-state errors of ``_usable``, DryRunOperationException.
         """
-        spec, key = self._data_key_pair_input(
-            key_id, key_pair_spec, encryption_context, grant_tokens
+        spec, private_der, public_der, sealed = self._data_key_pair(
+            "GenerateDataKeyPair", key_id, key_pair_spec, encryption_context, grant_tokens, dry_run
         )
-        if dry_run:
-            raise _dry_run("GenerateDataKeyPair")
-        private_der, public_der = self._hsm.generate_data_key_pair(spec)
-        sealed = self._seal_private_key(key, private_der, encryption_context, grant_tokens)
         return GenerateDataKeyPairResult(
             private_key_ciphertext_blob=sealed.ciphertext_blob,
             private_key_plaintext=private_der,
@@ -480,13 +476,14 @@ class AsymmetricOperations:
         dry_run: bool = False,
     ) -> GenerateDataKeyPairWithoutPlaintextResult:
         """:meth:`generate_data_key_pair` without returning the plaintext private key."""
-        spec, key = self._data_key_pair_input(
-            key_id, key_pair_spec, encryption_context, grant_tokens
+        spec, _, public_der, sealed = self._data_key_pair(
+            "GenerateDataKeyPairWithoutPlaintext",
+            key_id,
+            key_pair_spec,
+            encryption_context,
+            grant_tokens,
+            dry_run,
         )
-        if dry_run:
-            raise _dry_run("GenerateDataKeyPairWithoutPlaintext")
-        private_der, public_der = self._hsm.generate_data_key_pair(spec)
-        sealed = self._seal_private_key(key, private_der, encryption_context, grant_tokens)
         return GenerateDataKeyPairWithoutPlaintextResult(
             private_key_ciphertext_blob=sealed.ciphertext_blob,
             public_key=public_der,
@@ -494,13 +491,16 @@ class AsymmetricOperations:
             key_pair_spec=spec,
         )
 
-    def _data_key_pair_input(
+    def _data_key_pair(
         self,
+        operation: str,
         key_id: str,
         key_pair_spec: str,
         encryption_context: Mapping[str, str] | None,
         grant_tokens: Sequence[str] | None,
-    ) -> tuple[DataKeyPairSpec, KeyRecord]:
+        dry_run: bool,
+    ) -> tuple[DataKeyPairSpec, bytes, bytes, EncryptResult]:
+        """(spec, PKCS#8 private key, SPKI public key, the private key sealed under ``key_id``)."""
         check_context("encryptionContext", encryption_context)
         if key_pair_spec in _KMS_ONLY_PAIR_SPECS:
             raise UnsupportedOperationException(f"KeyPairSpec {key_pair_spec} is not supported.")
@@ -514,7 +514,11 @@ class AsymmetricOperations:
                 f"{self._arn(key.key_uuid)} key spec {key.spec} is not valid for "
                 "GenerateDataKeyPair; a symmetric encryption KMS key is required."
             )
-        return spec, key
+        if dry_run:
+            raise _dry_run(operation)
+        private_der, public_der = self._hsm.generate_data_key_pair(spec)
+        sealed = self._seal_private_key(key, private_der, encryption_context, grant_tokens)
+        return spec, private_der, public_der, sealed
 
     def _seal_private_key(
         self,

@@ -662,31 +662,21 @@ def _softhsm_conf(settings: Settings, steps: list[_Step]) -> Path:
         raise ConfigError(
             f"hsm.module: init --create-token makes SoftHSM2 tokens only, not {settings.hsm.module}"
         )
+    settings.hsm.apply_softhsm2_conf()
     value = os.environ.get("SOFTHSM2_CONF")
     if not value:
         raise ConfigError(
-            "SOFTHSM2_CONF is not set: init --create-token writes the token where it points "
-            "and never into the system token directory (try SOFTHSM2_CONF=$PWD/var/softhsm2.conf)"
+            "SOFTHSM2_CONF is not set (nor hsm.softhsm2_conf): init --create-token writes the token "
+            "where it points and never into the system token directory "
+            "(try SOFTHSM2_CONF=$PWD/var/softhsm2.conf)"
         )
     conf = Path(value).resolve()
     if conf == _SYSTEM_SOFTHSM_CONF:
         raise ConfigError(f"SOFTHSM2_CONF is the system config {conf}; point it at a project file")
     if conf.exists():
         steps.append(_Step("softhsm2.conf", str(conf), "reused"))
-    elif conf.name == softhsm.CONF_NAME:
-        softhsm.write_conf(conf.parent)
-        steps.append(_Step("softhsm2.conf", str(conf), "created"))
-    else:  # same content as softhsm.write_conf, under the name SOFTHSM2_CONF asks for
-        tokens = conf.parent / softhsm.TOKEN_DIR_NAME
-        tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conf.write_text(
-            "# Written by hsmkeys init --create-token\n"
-            f"directories.tokendir = {tokens}\n"
-            "objectstore.backend = file\n"
-            "log.level = ERROR\n"
-            "slots.removable = false\n",
-            encoding="utf-8",
-        )
+    else:
+        softhsm.write_conf(conf.parent, conf.name)
         steps.append(_Step("softhsm2.conf", str(conf), "created"))
     token_dir = _conf_token_dir(conf)
     if token_dir is not None and token_dir.resolve().is_relative_to(_SYSTEM_TOKEN_DIR):

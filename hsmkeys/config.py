@@ -4,6 +4,7 @@ The file is ``--config``, else ``$HSMKEYS_CONFIG``, else ``./hsmkeys.yaml``. Rel
 paths in it are relative to the file. Every scalar field can be overridden by an
 environment variable named after its path: ``HSMKEYS_HSM_MODULE``,
 ``HSMKEYS_HSM_TOKEN_LABEL``, ``HSMKEYS_HSM_PIN_ENV``, ``HSMKEYS_HSM_PIN_FILE``,
+``HSMKEYS_HSM_SOFTHSM2_CONF``,
 ``HSMKEYS_CATALOG``, ``HSMKEYS_REGION``, ``HSMKEYS_ACCOUNT_ID``, ``HSMKEYS_AUDIT_LOG``,
 ``HSMKEYS_MAINTENANCE_INTERVAL_SECONDS`` (relative paths from the environment are
 relative to the working directory).
@@ -41,7 +42,7 @@ _TOP_LEVEL = {
     "maintenance_interval_seconds",
     "principals",
 }
-_HSM_FIELDS = {"module", "token_label", "pin_env", "pin_file"}
+_HSM_FIELDS = {"module", "token_label", "pin_env", "pin_file", "softhsm2_conf"}
 _PRINCIPAL_FIELDS = {"arn", "access_key_id", "secret_access_key_env", "secret_access_key_file"}
 
 
@@ -69,6 +70,16 @@ class HsmSettings:
     token_label: str
     pin_env: str | None = None
     pin_file: Path | None = None
+    #: SoftHSM2 only: the SOFTHSM2_CONF to use when the environment does not set one.
+    softhsm2_conf: Path | None = None
+
+    def apply_softhsm2_conf(self) -> None:
+        """Export ``softhsm2_conf`` as SOFTHSM2_CONF unless the environment already names one.
+
+        Call before the PKCS#11 module is loaded: SoftHSM2 reads it once, at C_Initialize.
+        """
+        if self.softhsm2_conf is not None:
+            os.environ.setdefault("SOFTHSM2_CONF", str(self.softhsm2_conf))
 
     def pin(self, env: Mapping[str, str] | None = None) -> str:
         """The user PIN, read when needed (never stored in the settings)."""
@@ -165,7 +176,13 @@ class Settings:
             raise ConfigError("maintenance_interval_seconds: must be greater than 0")
 
         return cls(
-            hsm=HsmSettings(module=module, token_label=token_label, pin_env=pin_env, pin_file=pin_file),
+            hsm=HsmSettings(
+                module=module,
+                token_label=token_label,
+                pin_env=pin_env,
+                pin_file=pin_file,
+                softhsm2_conf=reader.optional_path("hsm.softhsm2_conf", hsm_data.get("softhsm2_conf")),
+            ),
             catalog=reader.path("catalog", data.get("catalog")),
             region=region,
             account_id=account_id,

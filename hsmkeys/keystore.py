@@ -228,6 +228,7 @@ class KeyStore(AsymmetricOperations):
 
         if not isinstance(settings, Settings):
             settings = Settings.load(settings)
+        settings.hsm.apply_softhsm2_conf()
         hsm = Pkcs11Hsm.open(
             module=settings.hsm.module, token_label=settings.hsm.token_label, pin=settings.hsm.pin()
         )

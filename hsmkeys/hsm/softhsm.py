@@ -52,8 +52,8 @@ def find_module(candidates: Iterable[Path] = MODULE_CANDIDATES) -> Path:
     )
 
 
-def write_conf(directory: Path) -> Path:
-    """Write ``directory/softhsm2.conf`` with its own token directory; return the conf path.
+def write_conf(directory: Path, name: str = CONF_NAME) -> Path:
+    """Write ``directory/name`` (softhsm2.conf) with its own token directory; return the conf path.
 
     The token directory is ``directory/tokens`` (absolute, created mode 0700), the
     object store is the file backend (the only one in Debian's build) and logging
@@ -62,7 +62,7 @@ def write_conf(directory: Path) -> Path:
     directory = Path(directory).resolve()
     token_dir = directory / TOKEN_DIR_NAME
     token_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    conf = directory / CONF_NAME
+    conf = directory / name
     conf.write_text(
         "# Written by hsmkeys.hsm.softhsm.write_conf\n"
         f"directories.tokendir = {token_dir}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,17 @@ def test_repo_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings.load(repo_config, env={})
     assert s.hsm.pin_file == repo_config.parent / "var" / "pin"
     assert len(s.principals) == 1
+
+
+def test_softhsm2_conf_is_exported_only_when_the_environment_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = GOOD.replace("  pin_file: var/pin\n", "  pin_file: var/pin\n  softhsm2_conf: var/softhsm2.conf\n")
+    s = Settings.load(write(tmp_path, text), env={})
+    assert s.hsm.softhsm2_conf == (tmp_path / "conf" / "var" / "softhsm2.conf").resolve()
+    monkeypatch.setenv("SOFTHSM2_CONF", "/elsewhere/softhsm2.conf")
+    s.hsm.apply_softhsm2_conf()
+    assert os.environ["SOFTHSM2_CONF"] == "/elsewhere/softhsm2.conf"
+    monkeypatch.delenv("SOFTHSM2_CONF")
+    s.hsm.apply_softhsm2_conf()
+    assert os.environ["SOFTHSM2_CONF"] == str(s.hsm.softhsm2_conf)

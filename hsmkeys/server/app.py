@@ -59,6 +59,8 @@ log = logging.getLogger("hsmkeys.server")
 
 SUCCESS = "Success"  # the outcome name the KeyStore's audit lines use too
 UNKNOWN_OPERATION = "Unknown"  # metrics/audit label for targets outside the model (bounded cardinality)
+# A refused over-limit body is read and dropped up to this size before the 413.
+_DISCARD_MAX_BYTES = 8 * MAX_BODY_BYTES
 _ACCEPTED_CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/x-amz-json-1.0"})
 
 
@@ -93,7 +95,9 @@ class ServedKeyStore(Protocol):
 
 
 class _BodyTooLarge(Exception):
-    pass
+    def __init__(self, *, unread: bool) -> None:
+        super().__init__()
+        self.unread = unread  # part of the body is still to be received
 
 
 class _ClientGone(Exception):
@@ -226,14 +230,19 @@ class KmsApp:
                 op_name = operation.name
             try:
                 body = await self._read_body(receive, declared_length)
-            except _BodyTooLarge:
+            except _BodyTooLarge as too_large:
+                if too_large.unread:
+                    await self._discard_body(receive, declared_length)
                 error = ValidationException(
                     f"Request body must be at most {MAX_BODY_BYTES} bytes"
                 )
                 await self._reject(send, request_id, op_name, None, source, error, started, status=413)
                 return
+            # The signer signed the path as sent (still percent-encoded), not as decoded.
+            raw_path: bytes | None = scope.get("raw_path")
+            path = raw_path.decode("latin-1") if raw_path else scope["path"]
             credential = self._verifier.verify(
-                "POST", scope["path"], scope["query_string"].decode("latin-1"), headers, body
+                "POST", path, scope["query_string"].decode("latin-1"), headers, body
             )
             principal = credential.principal_arn
             operation = self._dispatcher.resolve(target)
@@ -302,14 +311,14 @@ class KmsApp:
     async def _read_body(receive: Receive, declared_length: int) -> bytes:
         """The whole body, read chunk by chunk; stops at the limit (raises _BodyTooLarge)."""
         if declared_length > MAX_BODY_BYTES:
-            raise _BodyTooLarge
+            raise _BodyTooLarge(unread=True)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone
         first: bytes = message.get("body", b"")
         if not message.get("more_body", False):
             if len(first) > MAX_BODY_BYTES:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(unread=False)
             return first
         chunks = [first]
         size = len(first)
@@ -320,10 +329,28 @@ class KmsApp:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(unread=bool(message.get("more_body", False)))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    @staticmethod
+    async def _discard_body(receive: Receive, declared_length: int) -> None:
+        """Read and drop the rest of a refused body, up to ``_DISCARD_MAX_BYTES``.
+
+        Closing a connection with unread request bytes makes the kernel send a reset,
+        which can destroy the 413 before the client (still sending) has read it.
+        """
+        if declared_length > _DISCARD_MAX_BYTES:
+            return  # not worth reading: the client gets the 413 or a reset
+        discarded = 0
+        while discarded <= _DISCARD_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            discarded += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _respond(
         self,

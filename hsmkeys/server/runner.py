@@ -2,20 +2,24 @@
 
 Process model
     ``workers == 1``: the app is served by the calling process.
-    ``workers > 1``: the calling process binds the listening socket and supervises N
-    workers started with multiprocessing's "spawn" method (a fresh interpreter: no
-    PKCS#11 state is ever inherited across fork). All workers accept on the shared
-    socket; each opens its own KeyStore (own PKCS#11 session and handle cache, own
-    catalog connection). The catalog is the source of truth for key state and every
-    call reads its key's row, so a key created, rotated or disabled through one worker
-    is seen by the next call on any other. A worker that dies is restarted (at most
-    ``_MAX_RESTARTS`` per ``_RESTART_WINDOW_S``, then the server stops).
+    ``workers > 1``: the calling process supervises N workers started with
+    multiprocessing's "spawn" method (a fresh interpreter: no PKCS#11 state is ever
+    inherited across fork). On Linux each worker listens on its own SO_REUSEPORT
+    socket, so the kernel spreads connections evenly (see ``_worker_listeners``);
+    elsewhere they share one socket. Each worker opens its own KeyStore (own PKCS#11
+    session and handle cache, own catalog connection). The catalog is the source of
+    truth for key state and every call reads its key's row, so a key created, rotated
+    or disabled through one worker is seen by the next call on any other. A worker
+    that dies is restarted (at most ``_MAX_RESTARTS`` per ``_RESTART_WINDOW_S``, then
+    the server stops); workers exit when the supervisor is gone.
 
 Maintenance (due rotations and purges, ``KeyStore.run_maintenance``) runs every
 ``settings.maintenance_interval_seconds`` in exactly one process: every process tries
 a non-blocking ``flock`` on ``<catalog>.maintenance.lock`` and only its holder runs
 it. The kernel drops the lock when its holder dies, so another process takes over,
-and a second server or a ``hsmkeys maintain`` sharing the catalog cannot double up.
+and a second server sharing the catalog cannot double up (two concurrent runs could
+both rotate a due key). Other maintainers should take the same lock
+(:func:`maintenance_lock_path`).
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets in-flight requests
 finish (up to ``GRACEFUL_SHUTDOWN_S``), stops the maintenance loop (a run in progress
@@ -94,6 +98,7 @@ _RESTART_WINDOW_S = 60.0
 _BACKLOG = 2048
 _EPHEMERAL_LABEL = "hsmkeys-ephemeral"
 _ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
+_REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 class ServerError(Exception):
@@ -122,21 +127,32 @@ def run_server(
     build_verifier(settings)  # fail before binding: no principals, unreadable secrets
     _configure_logging()
     with _StopSignals() as stop:
-        sock = _bind(host, port)
-        try:
-            url = _url(host, sock.getsockname()[1])
+        address = _resolve(host, port)
+        if workers == 1:
+            sock = address.listen()
+            try:
+                url = _url(host, sock.getsockname()[1])
+                _serve(
+                    settings,
+                    sock,
+                    stop=stop,
+                    on_started=functools.partial(_announce, url, ready),
+                    parent_pid=None,
+                )
+            finally:
+                sock.close()
+        else:
+            with _worker_listeners(address) as (listener, bound_port):
+                url = _url(host, bound_port)
+                _Supervisor(settings, listener, workers, stop).run(
+                    functools.partial(_announce, url, ready)
+                )
 
-            def announce() -> None:
-                print(f"listening on {url}", flush=True)
-                if ready is not None:
-                    ready(url)
 
-            if workers == 1:
-                _serve(settings, sock, stop=stop, on_started=announce, parent_pid=None)
-            else:
-                _Supervisor(settings, sock, workers, stop).run(announce)
-        finally:
-            sock.close()
+def _announce(url: str, ready: Callable[[str], None] | None) -> None:
+    print(f"listening on {url}", flush=True)
+    if ready is not None:
+        ready(url)
 
 
 def run_ephemeral(
@@ -431,19 +447,23 @@ class _Worker:
 
 
 def _worker_main(
-    settings: Settings, sock: socket.socket, index: int, conn: Connection, parent_pid: int
+    settings: Settings, listener: _Listener, index: int, conn: Connection, parent_pid: int
 ) -> None:
     """Entry point of a spawned worker process."""
     _configure_logging()
     with _StopSignals() as stop:
         try:
-            _serve(
-                settings,
-                sock,
-                stop=stop,
-                on_started=lambda: conn.send(("ready", os.getpid())),
-                parent_pid=parent_pid,
-            )
+            sock = listener if isinstance(listener, socket.socket) else listener.listen()
+            try:
+                _serve(
+                    settings,
+                    sock,
+                    stop=stop,
+                    on_started=lambda: conn.send(("ready", os.getpid())),
+                    parent_pid=parent_pid,
+                )
+            finally:
+                sock.close()
         except (ConfigError, KMSError) as exc:
             log.error("event=worker_start_failed worker=%d error=%s", index, exc)
             with contextlib.suppress(OSError):
@@ -452,9 +472,11 @@ def _worker_main(
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, sock: socket.socket, workers: int, stop: _StopSignals) -> None:
+    def __init__(
+        self, settings: Settings, listener: _Listener, workers: int, stop: _StopSignals
+    ) -> None:
         self._settings = settings
-        self._sock = sock
+        self._listener = listener
         self._count = workers
         self._stop = stop
         self._context = multiprocessing.get_context("spawn")
@@ -476,7 +498,7 @@ class _Supervisor:
         ours, theirs = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(self._settings, self._sock, index, theirs, os.getpid()),
+            args=(self._settings, self._listener, index, theirs, os.getpid()),
             name=f"hsmkeys-worker-{index}",
             daemon=False,
         )
@@ -560,23 +582,83 @@ def _poll(conn: Connection) -> tuple[str, Any] | None:
 # ------------------------------------------------------------------ helpers
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0 picks a free one); ConfigError if taken."""
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """A resolved listen address; ``reuse_port`` makes every socket on it join one group."""
+
+    family: int
+    address: tuple[Any, ...]
+    reuse_port: bool = False
+
+    def bind(self, *, listen: bool) -> socket.socket:
+        """A socket bound here (listening if ``listen``); ConfigError if the port is taken."""
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(self.address)
+            if listen:
+                sock.listen(_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on {_host_port(self.address)}: {exc.strerror}"
+            ) from None
+        sock.set_inheritable(True)
+        return sock
+
+    def listen(self) -> socket.socket:
+        return self.bind(listen=True)
+
+
+#: What a worker is given: a socket shared by all workers, or an address it binds itself.
+_Listener = socket.socket | _Address
+
+
+def _resolve(host: str, port: int) -> _Address:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    family, _, _, _, address = infos[0]
+    return _Address(int(family), tuple(address))
+
+
+@contextlib.contextmanager
+def _worker_listeners(address: _Address) -> Iterator[tuple[_Listener, int]]:
+    """What workers listen on, and the bound port, for as long as the supervisor runs.
+
+    On Linux each worker binds its own SO_REUSEPORT socket, so the kernel spreads
+    connections evenly over the workers (one shared socket hands nearly every new
+    connection to the same idle worker). The supervisor keeps a bound, non-listening
+    member of the group: it pins the port (also a port-0 pick) for restarted workers
+    and, not listening, is never given a connection. Elsewhere the workers share one
+    listening socket.
+    """
+    if not _REUSE_PORT:
+        sock = address.listen()
+        try:
+            yield sock, sock.getsockname()[1]
+        finally:
+            sock.close()
+        return
+    # A socket without SO_REUSEPORT cannot bind where a reuse-port group exists: this
+    # probe refuses a port another server (even one of ours) is already serving.
+    probe = address.bind(listen=False)
+    bound = probe.getsockname()
+    probe.close()
+    group = _Address(address.family, (address.address[0], bound[1], *address.address[2:]), True)
+    reservation = group.bind(listen=False)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
+        yield group, bound[1]
+    finally:
+        reservation.close()
+
+
+def _host_port(address: tuple[Any, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _url(host: str, port: int) -> str:

@@ -520,16 +520,27 @@ def _is_empty(value: object) -> bool:
 class BoundOperation:
     """One operation bound to a KeyStore method (or to nothing, when the KeyStore lacks it)."""
 
-    __slots__ = ("_method", "_unsupported", "name", "wire")
+    __slots__ = ("_method", "_needed", "_unsupported", "name", "wire")
 
     def __init__(self, wire: OperationWire, method: Callable[..., object] | None) -> None:
         self.name = wire.name
         self.wire = wire
         self._method = method
         self._unsupported: tuple[tuple[str, str], ...] = ()  # (attr, wire name) not accepted
+        # Members the model leaves optional but the KeyStore method cannot do without
+        # (newer models relax e.g. Decrypt's CiphertextBlob): (attr, message path).
+        self._needed: tuple[tuple[str, str], ...] = ()
         if method is None:
             return
         parameters = inspect.signature(method).parameters
+        self._needed = tuple(
+            (m.attr, m.path)
+            for m in wire.members
+            if not m.required
+            and m.attr in parameters
+            and parameters[m.attr].default is inspect.Parameter.empty
+            and parameters[m.attr].kind is not inspect.Parameter.VAR_KEYWORD
+        )
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             accepted = {m.attr for m in wire.members}
         else:
@@ -553,6 +564,11 @@ class BoundOperation:
         if self._method is None:
             raise UnsupportedOperationException(f"{self.name} is not supported by this server")
         args = self.wire.read(decode_body(body))
+        missing = [
+            _violation(path, "null", "not be null") for attr, path in self._needed if attr not in args
+        ]
+        if missing:
+            raise validation_error(missing)
         for attr, wire_name in self._unsupported:
             if attr in args:
                 if not _is_empty(args[attr]):

@@ -859,15 +859,21 @@ class KeyStore(AsymmetricOperations):
         key = self._lookup(key_id)
         self._require_enabled(key)
         self._require_rotatable(key)
-        key = self._rotate(key, RotationType.ON_DEMAND)
+        self._rotate(key, RotationType.ON_DEMAND)
         return RotateKeyOnDemandResult(self._arn(key.key_uuid))
 
-    def _rotate(self, key: KeyRecord, rotation_type: RotationType) -> KeyRecord:
-        """Add version n+1 and make it current; the older versions stay for decryption."""
+    def _rotate(self, key: KeyRecord, rotation_type: RotationType) -> KeyRecord | None:
+        """Add version n+1 and make it current; the older versions stay for decryption.
+
+        An automatic rotation that is no longer due when the write lock is held (another
+        maintainer did it, or the key changed) returns None and changes nothing.
+        """
         with self._catalog.transaction():
             fresh = self._catalog.get_key(key.key_uuid)
             if fresh is None:
                 raise NotFoundException(f"Key '{self._arn(key.key_uuid)}' does not exist")
+            if rotation_type is RotationType.AUTOMATIC and not _rotation_due(fresh, self._now()):
+                return None
             if rotation_type is RotationType.ON_DEMAND:
                 done = sum(
                     v.rotation_type is RotationType.ON_DEMAND for v in self._catalog.list_versions(key.key_uuid)
@@ -954,8 +960,7 @@ class KeyStore(AsymmetricOperations):
         now = self._now()
         rotated = []
         for key in self._catalog.keys_due_rotation(now):
-            if key.state is KeyState.ENABLED and keyspecs.is_rotatable(key.spec):
-                self._rotate(key, RotationType.AUTOMATIC)
+            if self._rotate(key, RotationType.AUTOMATIC) is not None:
                 rotated.append(str(key.key_uuid))
         purged = [str(key.key_uuid) for key in self._catalog.keys_due_purge(now) if self._purge(key)]
         return MaintenanceReport(tuple(rotated), tuple(purged))
@@ -1016,6 +1021,15 @@ class KeyStore(AsymmetricOperations):
 
 
 # ==================================================================== helpers
+
+
+def _rotation_due(key: KeyRecord, now: datetime) -> bool:
+    return (
+        key.state is KeyState.ENABLED
+        and keyspecs.is_rotatable(key.spec)
+        and key.next_rotation_at is not None
+        and key.next_rotation_at <= now
+    )
 
 
 def _require_symmetric_algorithm(algorithm: str | EncryptionAlgorithm | None) -> None:

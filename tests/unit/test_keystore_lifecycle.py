@@ -277,3 +277,23 @@ def test_create_key_specs_make_hsm_objects(store: KeyStore, memory_hsm_backend: 
     for spec, usage in [(KeySpec.HMAC_512, KeyUsage.GENERATE_VERIFY_MAC), (KeySpec.ECC_SECG_P256K1, KeyUsage.SIGN_VERIFY)]:
         kid = store.create_key(key_spec=spec, key_usage=usage).key_metadata.key_id
         assert memory_hsm_backend.has_key(KeyVersionRef(uuid.UUID(kid), 1))
+
+
+def test_two_maintainers_racing_rotate_a_due_key_once(
+    store: KeyStore,
+    key_id: str,
+    clock: FakeClock,
+    memory_hsm_backend: MemoryHsm,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store.enable_key_rotation(key_id=key_id, rotation_period_in_days=90)
+    clock.advance(days=90)
+    other_catalog = SqliteCatalog(tmp_path / "catalog.db")  # the same file, as a second process has
+    other = KeyStore(hsm=memory_hsm_backend, catalog=other_catalog, clock=clock)
+    listed_before = other_catalog.keys_due_rotation(clock.now())  # "other" saw the key due...
+    assert store.run_maintenance().rotated == (key_id,)  # ...then this maintainer rotated it
+    monkeypatch.setattr(other_catalog, "keys_due_rotation", lambda now: listed_before)
+    assert other.run_maintenance().rotated == ()
+    assert store.describe_key(key_id=key_id).key_metadata.current_version == 2
+    other_catalog.close()

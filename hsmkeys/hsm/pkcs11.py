@@ -259,11 +259,13 @@ class _KeyObjects:
 class _Cache:
     objects: dict[KeyVersionRef, _KeyObjects] = field(default_factory=dict)
     public_der: dict[KeyVersionRef, bytes] = field(default_factory=dict)
+    hmac_keys: dict[KeyVersionRef, SignMixin] = field(default_factory=dict)  # checked HMAC keys
     indexed: bool = False
 
     def drop(self, ref: KeyVersionRef) -> None:
         self.objects.pop(ref, None)
         self.public_der.pop(ref, None)
+        self.hmac_keys.pop(ref, None)
 
 
 class Pkcs11Hsm:
@@ -613,12 +615,22 @@ class Pkcs11Hsm:
     def mac(self, ref: KeyVersionRef, algorithm: MacAlgorithm, message: bytes) -> bytes:
         mechanism = _HMAC_MECHANISMS[algorithm]
         message = bytes(message)
+        with _LOCK:  # fast path (every audit line takes one): a key already checked
+            checked = self._cache.hmac_keys.get(ref)
+            if checked is not None:
+                try:
+                    return _as_bytes(checked.sign(message, mechanism=mechanism))
+                except _STALE_HANDLE:
+                    self._cache.drop(ref)
+                except ckr.PKCS11Error as exc:
+                    raise _kms_error(exc, what=f"mac {algorithm}") from None
 
         def run(objects: _KeyObjects) -> bytes:
             key = objects.secret
             if not isinstance(key, SignMixin) or key.key_type is not KeyType.GENERIC_SECRET:
                 raise InvalidKeyUsageException(f"{ref.label} is not an HMAC key")
-            return key.sign(message, mechanism=mechanism)
+            self._cache.hmac_keys[ref] = key
+            return _as_bytes(key.sign(message, mechanism=mechanism))
 
         return self._with_objects(ref, f"mac {algorithm}", run)
 

@@ -17,9 +17,12 @@ absolute target (the machine is shared and swings +-30% between runs):
 Throughput comparisons interleave the two sides round by round in ONE process and
 take medians; the server runs interleave the servers round by round.
 
-Everything lives on one throwaway SoftHSM2 token (and SQLite catalog) in a temp dir,
-removed at the end; the servers make their own (``--ephemeral``) and moto keeps
-state in memory. The parent process never loads the PKCS#11 module: each phase runs
+Everything lives on a throwaway SoftHSM2 token (and SQLite catalog) in a temp dir,
+removed at the end: the library figures use it at 10 keys, then it grows to --keys.
+For the latency ratio a 10-key twin token (its own config, same temp dir) stands in
+for "10 keys", so fresh processes can alternate twin / grown token and machine drift
+during the run hits both sides alike. The servers make their own (``--ephemeral``)
+and moto keeps state in memory. The parent process never loads the PKCS#11 module: each phase runs
 in a freshly spawned process, which is also what "opened FRESH" needs.
 
     env -u SOFTHSM2_CONF .venv/bin/python scripts/bench.py [--keys N] [--server] [--json]
@@ -31,7 +34,6 @@ Exit status: 0, or 1 when a phase failed (or, with --check, a target was missed)
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import gc
 import hashlib
@@ -54,8 +56,9 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:  # loadgen.py sits beside this file
@@ -121,12 +124,18 @@ def _enter_token(token: BenchToken) -> None:
 
 
 def _open_keystore(token: BenchToken) -> Any:
+    return _open_keystore_parts(token)[0]
+
+
+def _open_keystore_parts(token: BenchToken) -> tuple[Any, Any, Any]:
+    """(KeyStore, its Pkcs11Hsm, its SqliteCatalog), opened as a real process opens them."""
     from hsmkeys.catalog.sqlite import SqliteCatalog
     from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
     from hsmkeys.keystore import KeyStore
 
     hsm = Pkcs11Hsm.open(module=token.module, token_label=token.label, pin=token.pin)
-    return KeyStore(hsm=hsm, catalog=SqliteCatalog(token.catalog))
+    catalog = SqliteCatalog(token.catalog)
+    return KeyStore(hsm=hsm, catalog=catalog), hsm, catalog
 
 
 def _raw_session(token: BenchToken) -> Any:
@@ -150,12 +159,45 @@ def _header_prefix(key_id: str) -> bytes:
     return b"\x01" + uuid.UUID(key_id).bytes + (1).to_bytes(4, "big")
 
 
+def _call_and_send(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Child side of :func:`_in_fresh_process`: send (True, result) or (False, traceback text)."""
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException as exc:
+        conn.send((False, "".join(traceback.format_exception(exc))))
+    finally:
+        conn.close()
+
+
 def _in_fresh_process(fn: Callable[..., T], *args: Any, timeout: float) -> T:
-    """Run ``fn(*args)`` in a newly spawned interpreter (no PKCS#11 state inherited)."""
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=mp.get_context("spawn")
-    ) as pool:
-        return pool.submit(fn, *args).result(timeout=timeout)
+    """Run ``fn(*args)`` in a newly spawned interpreter (no PKCS#11 state inherited).
+
+    Raises RuntimeError with the child's traceback if it raised, died, or overran
+    ``timeout`` seconds (then it is killed: a phase never outlives the bench).
+    """
+    ctx = mp.get_context("spawn")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_and_send, args=(child_end, fn, args), name=fn.__name__)
+    proc.start()
+    child_end.close()  # so that the child's exit shows here as EOF
+    try:
+        if not parent_end.poll(timeout):
+            proc.kill()
+            raise RuntimeError(f"{fn.__name__} did not finish within {timeout:.0f} s")
+        try:
+            ok, value = parent_end.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(f"{fn.__name__} died (exit status {proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"{fn.__name__} failed in its process:\n{value}")
+        return cast(T, value)
+    finally:
+        parent_end.close()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 # ============================================================ timing helpers
@@ -260,10 +302,11 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
 
         def raw_encrypt_blob(data: bytes) -> bytes:
             iv = session.generate_random(96)  # bits
-            aad = prefix + iv  # == the KeyStore's 33-byte header: same AAD length and content
-            return bytes(prefix + iv) + aes_key.encrypt(
+            aad: bytes = prefix + iv  # == the KeyStore's 33-byte header: same AAD length and content
+            body: bytes = aes_key.encrypt(
                 data, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, 128)
             )
+            return aad + body
 
         def raw_data_key() -> bytes:
             return raw_encrypt_blob(session.generate_random(256))
@@ -348,8 +391,10 @@ def phase_latency(token: BenchToken, keys: BenchKeys, ops: int) -> dict[str, flo
     from pkcs11 import Mechanism, ObjectClass
     from pkcs11.mechanisms import GCMParams
 
+    from hsmkeys.models import KeyVersionRef
+
     start = time.perf_counter()
-    store = _open_keystore(token)
+    store, hsm, catalog = _open_keystore_parts(token)
     opened = time.perf_counter()
     try:
         key_id, other_id = keys.aes[0], keys.aes[1]
@@ -366,6 +411,22 @@ def phase_latency(token: BenchToken, keys: BenchKeys, ops: int) -> dict[str, flo
             t0 = clock()
             store.encrypt(key_id=key_id, plaintext=PLAINTEXT)
             samples.append(clock() - t0)
+
+        # Where the time goes: the two layers under KeyStore.encrypt, through their public methods.
+        key_uuid = uuid.UUID(key_id)
+        ref = KeyVersionRef(key_uuid, 1)
+        aad = _header_prefix(key_id) + bytes(12)
+        catalog_samples: list[int] = []
+        hsm_samples: list[int] = []
+        for _ in range(max(ops // 4, 100)):
+            t0 = clock()
+            catalog.get_key(key_uuid)
+            t1 = clock()
+            iv = hsm.random(12)
+            hsm.encrypt_aes_gcm(ref, iv, aad, PLAINTEXT)
+            t2 = clock()
+            catalog_samples.append(t1 - t0)
+            hsm_samples.append(t2 - t1)
 
         # Control: the raw per-call cost on the same object, to tell token size from machine drift.
         session = _raw_session(token)
@@ -394,6 +455,8 @@ def phase_latency(token: BenchToken, keys: BenchKeys, ops: int) -> dict[str, flo
             "median_us": statistics.median(samples) / 1000,
             "p99_us": sorted(samples)[int(0.99 * (len(samples) - 1))] / 1000,
             "raw_median_us": statistics.median(raw_samples) / 1000,
+            "catalog_get_key_us": statistics.median(catalog_samples) / 1000,
+            "hsm_random_encrypt_us": statistics.median(hsm_samples) / 1000,
             "raw_label_search_ms": search_s * 1000,
         }
     finally:
@@ -646,11 +709,14 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
                     clients=args.clients,
                     requests_per_client=max(1, endpoint.requests // args.clients),
                     warmup_per_client=args.warmup,
+                    max_seconds=args.max_run_seconds,
                 )
                 result = loadgen.run_load(spec)
                 if result.errors:
                     raise RuntimeError(f"{endpoint.name}: {result.errors} failed requests; first: {result.first_error}")
                 endpoint.runs.append(result)
+                if result.truncated:
+                    log(f"{endpoint.name}: run stopped at --max-run-seconds after {result.requests} requests")
                 log(
                     f"server round {round_no + 1}/{args.server_rounds} {endpoint.name}: "
                     f"{result.req_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, workers {sorted(result.workers.values())}"
@@ -668,6 +734,8 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": statistics.median(r.p99_ms for r in e.runs),
             "requests_per_run": e.runs[0].requests if e.runs else 0,
             "answers_per_worker_last_run": sorted(e.runs[-1].workers.values()) if e.runs else [],
+            "client_cpu_cores": statistics.median(r.client_cpu_cores for r in e.runs) if e.runs else 0.0,
+            "truncated_runs": sum(r.truncated for r in e.runs),
         }
         for name, e in by_name.items()
     }
@@ -706,17 +774,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-procs", type=int, default=3, help="fresh processes per token size")
     p.add_argument("--server", action="store_true", help="also benchmark hsmkeys serve and moto_server")
     p.add_argument("--workers", type=int, default=2, help="hsmkeys workers for server_encrypt_vs_moto / _vs_library")
-    p.add_argument("--clients", type=int, default=4, help="load generator processes (one keep-alive connection each)")
+    p.add_argument("--clients", type=int, default=6, help="load generator processes (one keep-alive connection each)")
     p.add_argument("--requests", type=int, default=12_000, help="measured requests per hsmkeys run")
     p.add_argument("--moto-requests", type=int, default=1_500, help="measured requests per moto run")
     p.add_argument("--warmup", type=int, default=50, help="unmeasured requests per client before each run")
+    p.add_argument(
+        "--max-run-seconds", type=float, default=20.0, help="a load run stops early (marked truncated) after this"
+    )
     p.add_argument("--server-rounds", type=int, default=3, help="rounds over the servers (medians)")
+    p.add_argument("--server-only", action="store_true", help="only the server comparisons (implies --server)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--check", action="store_true", help="exit 1 if a measured target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (token, catalog)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.latency_procs < 1 or args.server_rounds < 1 or args.clients < 1:
         p.error("--rounds, --latency-procs, --server-rounds and --clients must be at least 1")
+    if args.server_only:
+        args.server = True
     if args.workers < 1:
         p.error("--workers must be at least 1")
     return args
@@ -726,9 +800,88 @@ def _median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _token_phases(
+    args: argparse.Namespace,
+    token: BenchToken,
+    small_token: BenchToken,
+    figures: dict[str, Any],
+    ratios: dict[str, float | None],
+) -> None:
+    """Setup, the library comparisons (10 keys), growth to --keys, then latency in fresh
+    processes alternating between the grown token and a 10-key twin, so that machine
+    drift during the run hits both sides of the ratio alike."""
+    keys, create_timings = _in_fresh_process(phase_setup, token, timeout=300)
+    figures["create"] = create_timings
+    errors: list[str] = []
+
+    def guarded(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            log(f"{name} FAILED:\n{traceback.format_exc()}")
+
+    latency: dict[str, list[dict[str, float]]] = {}
+
+    def library() -> None:
+        lib = _in_fresh_process(phase_library, token, keys, args.rounds, args.round_seconds, timeout=1800)
+        figures["library"] = lib
+        for name in ("encrypt", "datakey", "sign_rsa2048", "sign_p256"):
+            ratios[f"{name}_vs_raw"] = lib[name]["ratio"]
+
+    guarded("library", library)
+
+    def grow_and_measure() -> None:
+        sides: list[tuple[int, BenchToken, BenchKeys]] = []
+        if args.keys > SMALL_TOKEN_KEYS:
+            small_keys, _ = _in_fresh_process(phase_setup, small_token, timeout=300)
+            sides.append((SMALL_TOKEN_KEYS, small_token, small_keys))
+            count = args.keys - SMALL_TOKEN_KEYS
+            log(f"grow: adding {count} AES keys (~{count * 0.009:.0f} s)")
+            figures["grow"] = _in_fresh_process(phase_grow, token, count, timeout=120 + count * 0.1)
+        sides.append((max(args.keys, SMALL_TOKEN_KEYS), token, keys))
+        for i in range(args.latency_procs):
+            for size, tok, tok_keys in sides:
+                log(f"latency with {size} keys: fresh process {i + 1}/{args.latency_procs}")
+                result = _in_fresh_process(phase_latency, tok, tok_keys, args.latency_ops, timeout=600)
+                latency.setdefault(str(size), []).append(result)
+
+    guarded("latency", grow_and_measure)
+    if latency:
+        figures["latency"] = {
+            size: {
+                key: _median_of(runs, key) for key in runs[0]
+            } | {"processes": len(runs)}
+            for size, runs in latency.items()
+        }
+        small, big = latency.get(str(SMALL_TOKEN_KEYS)), latency.get(str(args.keys))
+        if small and big and args.keys > SMALL_TOKEN_KEYS:
+            ratios["encrypt_latency_10k_vs_10"] = _median_of(big, "median_us") / _median_of(small, "median_us")
+            figures["latency"]["raw_control_ratio"] = _median_of(big, "raw_median_us") / _median_of(
+                small, "raw_median_us"
+            )
+
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+def _make_token(directory: Path, label: str) -> BenchToken:
+    """A fresh SoftHSM2 config + token + catalog path under ``directory`` (children load it)."""
     from hsmkeys.hsm import softhsm
 
+    conf = softhsm.write_conf(directory)
+    token = BenchToken(
+        conf=str(conf),
+        module=str(softhsm.find_module()),
+        label=label,
+        pin=secrets.token_hex(8),
+        catalog=str(directory / "catalog.sqlite3"),
+    )
+    softhsm.init_token(conf, token.label, token.pin, secrets.token_hex(8))
+    return token
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     report: dict[str, Any] = {
         "bench": "hsmkeys",
@@ -751,20 +904,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     tmp = Path(tempfile.mkdtemp(prefix="hsmkeys-bench-"))
     try:
-        conf = softhsm.write_conf(tmp)
-        token = BenchToken(
-            conf=str(conf),
-            module=str(softhsm.find_module()),
-            label=TOKEN_LABEL,
-            pin=secrets.token_hex(8),
-            catalog=str(tmp / "catalog.sqlite3"),
-        )
-        softhsm.init_token(conf, token.label, token.pin, secrets.token_hex(8))
-        os.environ["SOFTHSM2_CONF"] = token.conf  # inherited by the spawned phases
-        log(f"token in {tmp}")
-
-        keys, create_timings = _in_fresh_process(phase_setup, token, timeout=300)
-        figures["create"] = create_timings
+        token = _make_token(tmp / "main", TOKEN_LABEL)
+        small_token = _make_token(tmp / "baseline10", TOKEN_LABEL + "-10")
+        log(f"tokens in {tmp}")
 
         def guarded(name: str, fn: Callable[[], None]) -> None:
             try:
@@ -773,50 +915,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
                 log(f"{name} FAILED:\n{traceback.format_exc()}")
 
-        latency: dict[str, list[dict[str, float]]] = {}
-
-        def measure_latency(size: int) -> None:
-            runs = []
-            for i in range(args.latency_procs):
-                log(f"latency with {size} keys: fresh process {i + 1}/{args.latency_procs}")
-                runs.append(_in_fresh_process(phase_latency, token, keys, args.latency_ops, timeout=600))
-            latency[str(size)] = runs
-
-        guarded("latency@10", lambda: measure_latency(SMALL_TOKEN_KEYS))
-
-        def library() -> None:
-            lib = _in_fresh_process(phase_library, token, keys, args.rounds, args.round_seconds, timeout=1800)
-            figures["library"] = lib
-            for name in ("encrypt", "datakey", "sign_rsa2048", "sign_p256"):
-                ratios[f"{name}_vs_raw"] = lib[name]["ratio"]
-
-        guarded("library", library)
-
-        if args.keys > SMALL_TOKEN_KEYS:
-
-            def grow_and_measure() -> None:
-                count = args.keys - SMALL_TOKEN_KEYS
-                log(f"grow: adding {count} AES keys (~{count * 0.008:.0f} s)")
-                figures["grow"] = _in_fresh_process(phase_grow, token, count, timeout=120 + count * 0.1)
-                measure_latency(args.keys)
-
-            guarded("latency@N", grow_and_measure)
-        if latency:
-            figures["latency"] = {
-                size: {
-                    key: _median_of(runs, key)
-                    for key in runs[0]
-                }
-                | {"processes": len(runs)}
-                for size, runs in latency.items()
-            }
-            small, big = latency.get(str(SMALL_TOKEN_KEYS)), latency.get(str(args.keys))
-            if small and big and args.keys > SMALL_TOKEN_KEYS:
-                ratios["encrypt_latency_10k_vs_10"] = _median_of(big, "median_us") / _median_of(small, "median_us")
-                figures["latency"]["raw_control_ratio"] = _median_of(big, "raw_median_us") / _median_of(
-                    small, "raw_median_us"
-                )
-
+        if not args.server_only:
+            guarded("library phases", lambda: _token_phases(args, token, small_token, figures, ratios))
         if args.server:
 
             def servers() -> None:
@@ -834,7 +934,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios[name] = None
             guarded("server", servers)
     finally:
-        os.environ.pop("SOFTHSM2_CONF", None)
         if args.keep:
             log(f"kept {tmp}")
         else:
@@ -894,7 +993,8 @@ def render_table(report: dict[str, Any]) -> str:
             f"KeyStore {lat['median_us']:.1f} µs (p99 {lat['p99_us']:.1f}), raw {lat['raw_median_us']:.1f} µs; "
             f"open {lat['open_ms']:.0f} ms, first call {lat['first_call_us'] / 1000:.1f} ms, "
             f"first call on a 2nd key {lat['second_key_first_call_us']:.0f} µs, "
-            f"raw label search {lat['raw_label_search_ms']:.1f} ms"
+            f"raw label search {lat['raw_label_search_ms']:.1f} ms; inside: catalog.get_key "
+            f"{lat['catalog_get_key_us']:.1f} µs, hsm.random+encrypt_aes_gcm {lat['hsm_random_encrypt_us']:.1f} µs"
         )
     if "raw_control_ratio" in figures.get("latency", {}):
         lines.append(f"  raw encrypt latency ratio (control, same sizes): {figures['latency']['raw_control_ratio']:.2f}")
@@ -910,9 +1010,11 @@ def render_table(report: dict[str, Any]) -> str:
     for name, s in figures.get("server", {}).items():
         runs = ", ".join(f"{x:,.0f}" for x in s["runs_req_per_s"])
         workers = f", answers per worker {s['answers_per_worker_last_run']}" if s["answers_per_worker_last_run"] else ""
+        if s["truncated_runs"]:
+            workers += f", {s['truncated_runs']} run(s) cut at --max-run-seconds"
         lines.append(
             f"  server {name:<12} Encrypt {s['req_per_s']:>8,.0f} req/s (runs {runs}; p50 {s['p50_ms']:.2f} ms, "
-            f"p99 {s['p99_ms']:.2f} ms{workers})"
+            f"p99 {s['p99_ms']:.2f} ms{workers}; load generator used {s['client_cpu_cores']:.2f} cores)"
         )
     if "server" in figures:
         lines.append(
@@ -925,8 +1027,13 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: servers stopped, temp dir removed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     if os.environ.get("SOFTHSM2_CONF"):
         log("ignoring SOFTHSM2_CONF from the environment: the bench makes its own token")
         os.environ.pop("SOFTHSM2_CONF")

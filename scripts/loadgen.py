@@ -1,11 +1,13 @@
 """Closed-loop load generator for AWS JSON 1.1 (KMS) endpoints: the same for every server.
 
-Each client process holds ONE keep-alive HTTP/1.1 connection (``http.client``) and
+Each client process holds ONE keep-alive HTTP/1.1 connection (a lean socket client) and
 replays ONE SigV4-signed request (botocore's signer, signed once per process). The
 signature is re-made when it is older than ``resign_after`` seconds, well inside
 the 5-minute skew window every SigV4 server allows, so a replay is always a request
-the server must accept. Each client sends a fixed number of requests after a
-warm-up; all clients start together (a barrier) and the figure is
+the server must accept. After a warm-up, all clients start together (a barrier) and
+draw the run's fixed request count from one shared counter in small batches, so a
+client whose server process answers faster sends more (a connection pinned to a
+busy worker does not hold the run open while another worker idles); the figure is
 
     req/s = successful requests / (last client's end - common start)
 
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import json
 import multiprocessing as mp
 import os
+import queue
+import socket
 import statistics
 import sys
 import time
@@ -56,6 +59,7 @@ class LoadSpec:
     warmup_per_client: int = 100
     resign_after: float = 60.0
     timeout: float = 30.0
+    max_seconds: float = 120.0  # a client stops early after this long (the run is marked truncated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class ClientResult:
     latencies_us: list[float]
     workers: dict[str, int]
     first_error: str | None
+    cpu_s: float  # this client's own CPU time during the measured requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +83,10 @@ class LoadResult:
     req_per_s: float
     p50_ms: float
     p99_ms: float
+    truncated: bool = False  # some client hit max_seconds before sending all its requests
     workers: dict[str, int] = field(default_factory=dict)  # answers per server process
     first_error: str | None = None
+    client_cpu_cores: float = 0.0  # CPU the generator itself used, in cores (shares the machine)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,17 +122,79 @@ def signed_headers(spec: LoadSpec, body: bytes) -> dict[str, str]:
     return headers
 
 
-def _connect(spec: LoadSpec) -> http.client.HTTPConnection:
-    parts = urlsplit(spec.endpoint)
-    assert parts.hostname is not None and parts.port is not None, spec.endpoint
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=spec.timeout)
+class _Connection:
+    """A lean keep-alive HTTP/1.1 client: pre-encoded request bytes out, one response in.
+
+    http.client spends more CPU per request than a fast server does, and the load
+    generator shares the machine with the server under test; this one does only what a
+    fixed POST needs (status line, Content-Length, body).
+    """
+
+    def __init__(self, spec: LoadSpec) -> None:
+        parts = urlsplit(spec.endpoint)
+        assert parts.hostname is not None and parts.port is not None, spec.endpoint
+        self._sock = socket.create_connection((parts.hostname, parts.port), timeout=spec.timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+        self.reusable = True
+
+    def exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send ``request``; return (status, lower-cased headers, body)."""
+        self._sock.sendall(request)
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            self._buffer += self._recv()
+        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        status_line, *lines = head.split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        while len(self._buffer) < length:
+            self._buffer += self._recv()
+        body, self._buffer = self._buffer[:length], self._buffer[length:]
+        self.reusable = not (
+            status_line.startswith(b"HTTP/1.0") or headers.get(b"connection", b"").lower() == b"close"
+        )
+        return int(status_line.split(b" ", 2)[1]), headers, body
+
+    def _recv(self) -> bytes:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self._sock.close()
 
 
-def _client(spec: LoadSpec, barrier: Barrier, results: mp.Queue[ClientResult | str]) -> None:
+def _connect(spec: LoadSpec) -> _Connection:
+    return _Connection(spec)
+
+
+def _request_bytes(spec: LoadSpec, body: bytes) -> bytes:
+    headers = signed_headers(spec, body)
+    lines = [b"POST / HTTP/1.1"] + [f"{k}: {v}".encode("latin-1") for k, v in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+_BATCH = 16  # requests a client takes from the shared count at a time
+
+
+def _take(tickets: Any) -> int:
+    with tickets.get_lock():
+        n = min(_BATCH, tickets.value)
+        tickets.value -= n
+        return int(n)
+
+
+def _client(
+    spec: LoadSpec, barrier: Barrier, tickets: Any, results: mp.Queue[ClientResult | str]
+) -> None:
     """One client process: warm up, wait for the others, send the measured requests."""
     try:
         body = json.dumps(spec.payload).encode("utf-8")
-        headers = signed_headers(spec, body)
+        request = _request_bytes(spec, body)
         signed_at = time.monotonic()
         conn = _connect(spec)
         ok = errors = 0
@@ -134,32 +203,33 @@ def _client(spec: LoadSpec, barrier: Barrier, results: mp.Queue[ClientResult | s
         latencies: list[float] = []
 
         def send(measure: bool) -> None:
-            nonlocal conn, ok, errors, first_error, headers, signed_at
+            nonlocal conn, ok, errors, first_error, request, signed_at
             if time.monotonic() - signed_at > spec.resign_after:
-                headers = signed_headers(spec, body)
+                request = _request_bytes(spec, body)
                 signed_at = time.monotonic()
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/", body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-            except (OSError, http.client.HTTPException) as exc:
+                if not conn.reusable:  # the server closes after each answer (HTTP/1.0 style)
+                    conn.close()
+                    conn = _connect(spec)
+                status, response_headers, data = conn.exchange(request)
+            except (OSError, ValueError, IndexError) as exc:
                 errors += 1
                 first_error = first_error or f"{type(exc).__name__}: {exc}"
                 conn.close()
                 conn = _connect(spec)
                 return
             elapsed = time.perf_counter() - t0
-            if response.status != 200 or b"CiphertextBlob" not in data:
+            if status != 200 or b"CiphertextBlob" not in data:
                 errors += 1
-                first_error = first_error or f"HTTP {response.status}: {data[:200]!r}"
+                first_error = first_error or f"HTTP {status}: {data[:200]!r}"
                 return
             if measure:
                 ok += 1
                 latencies.append(elapsed * 1e6)
-                worker = response.getheader(WORKER_HEADER)
+                worker = response_headers.get(WORKER_HEADER.encode())
                 if worker is not None:
-                    workers[worker] += 1
+                    workers[worker.decode()] += 1
 
         for _ in range(spec.warmup_per_client):
             send(False)
@@ -169,11 +239,15 @@ def _client(spec: LoadSpec, barrier: Barrier, results: mp.Queue[ClientResult | s
             return
         barrier.wait(_READY_TIMEOUT_S)
         started = time.time()
-        for _ in range(spec.requests_per_client):
-            send(True)
+        cpu_start = time.process_time()
+        stop_at = time.monotonic() + spec.max_seconds
+        while (n := _take(tickets)) and time.monotonic() <= stop_at:
+            for _ in range(n):
+                send(True)
         ended = time.time()
+        cpu = time.process_time() - cpu_start
         conn.close()
-        results.put(ClientResult(ok, errors, started, ended, latencies, dict(workers), first_error))
+        results.put(ClientResult(ok, errors, started, ended, latencies, dict(workers), first_error, cpu))
     except Exception as exc:  # reported to the parent, which fails the run
         results.put(f"client {os.getpid()} failed: {type(exc).__name__}: {exc}")
         barrier.abort()
@@ -183,13 +257,18 @@ def run_load(spec: LoadSpec) -> LoadResult:
     """Run ``spec.clients`` client processes (spawned) against the endpoint; aggregate."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(spec.clients)
+    tickets = ctx.Value("q", spec.clients * spec.requests_per_client)
     results: mp.Queue[ClientResult | str] = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(spec, barrier, results), daemon=True) for _ in range(spec.clients)]
+    procs = [
+        ctx.Process(target=_client, args=(spec, barrier, tickets, results), daemon=True)
+        for _ in range(spec.clients)
+    ]
     for proc in procs:
         proc.start()
     collected: list[ClientResult] = []
     failures: list[str] = []
-    deadline = time.monotonic() + _READY_TIMEOUT_S + spec.timeout * spec.requests_per_client
+    deadline = time.monotonic() + _READY_TIMEOUT_S + spec.max_seconds + 2 * spec.timeout
+    finished = False
     try:
         while len(collected) + len(failures) < spec.clients:
             remaining = deadline - time.monotonic()
@@ -197,7 +276,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
                 raise RuntimeError("load generator clients did not finish in time")
             try:
                 item = results.get(timeout=min(remaining, 5.0))
-            except Exception:  # queue.Empty: check the clients are still alive
+            except queue.Empty:  # check the clients are still alive
                 if not any(p.is_alive() for p in procs):
                     raise RuntimeError("load generator clients died without reporting") from None
                 continue
@@ -205,9 +284,11 @@ def run_load(spec: LoadSpec) -> LoadResult:
                 failures.append(item)
             else:
                 collected.append(item)
+        finished = True
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            if finished:
+                proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -224,12 +305,14 @@ def run_load(spec: LoadSpec) -> LoadResult:
         clients=spec.clients,
         requests=ok,
         errors=errors,
+        truncated=ok + errors < spec.clients * spec.requests_per_client,
         seconds=seconds,
         req_per_s=ok / seconds if seconds > 0 else 0.0,
         p50_ms=statistics.median(latencies) / 1000 if latencies else 0.0,
         p99_ms=latencies[int(0.99 * (len(latencies) - 1))] / 1000 if latencies else 0.0,
         workers=dict(workers),
         first_error=next((r.first_error for r in collected if r.first_error), None),
+        client_cpu_cores=sum(r.cpu_s for r in collected) / seconds if seconds > 0 else 0.0,
     )
 
 

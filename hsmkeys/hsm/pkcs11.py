@@ -489,9 +489,12 @@ class Pkcs11Hsm:
             raise ValidationException("the number of random bytes must not be negative")
         if n == 0:
             return b""
-        with _LOCK, self._mapped("random"):
-            # python-pkcs11 counts in bits.
-            return self._live_session().generate_random(n * 8)
+        with _LOCK:
+            try:
+                # python-pkcs11 counts in bits.
+                return _as_bytes(self._live_session().generate_random(n * 8))
+            except ckr.PKCS11Error as exc:
+                raise _kms_error(exc, what="random") from None
 
     # ---------------------------------------------------------- symmetric
 

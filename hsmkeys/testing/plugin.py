@@ -1,8 +1,19 @@
-"""pytest fixtures for testing code against a real (SoftHSM2) hsmkeys HSM.
+"""pytest fixtures for testing code against a real (SoftHSM2) hsmkeys HSM or KMS endpoint.
 
 Installed as a ``pytest11`` entry point, so the fixtures are available in any test
-session that has hsmkeys installed; nothing here loads a PKCS#11 module until a
-test asks for one. A user's test::
+session that has hsmkeys installed; nothing here loads a PKCS#11 module or starts a
+server until a test asks for one. A user's test of code that talks to AWS KMS, run
+against a throwaway hsmkeys server (needs boto3)::
+
+    def test_envelope_round_trip_over_http(hsmkeys_kms_client):
+        key_id = hsmkeys_kms_client.create_key()["KeyMetadata"]["KeyId"]
+        sealed = hsmkeys_kms_client.encrypt(KeyId=key_id, Plaintext=b"secret")
+        opened = hsmkeys_kms_client.decrypt(CiphertextBlob=sealed["CiphertextBlob"])
+        assert opened["Plaintext"] == b"secret" and opened["KeyId"].endswith(key_id)
+
+Code that builds its own client takes the endpoint from ``hsmkeys_kms``
+(``.url``, ``.region``, ``.access_key_id``, ``.secret_access_key``). The same, in
+process against the library::
 
     import pytest
 
@@ -25,9 +36,16 @@ Fixtures:
 ``hsm_keystore`` (function)
     A :class:`~hsmkeys.keystore.KeyStore` over ``hsm`` with its own SQLite catalog in
     ``tmp_path`` and a :class:`~hsmkeys.clock.FakeClock` (``hsm_keystore_clock``).
+``hsmkeys_kms`` (session)
+    A running ``hsmkeys serve --ephemeral`` on 127.0.0.1
+    (:class:`~hsmkeys.testing.server.EphemeralKms`): its own SoftHSM2 token and
+    catalog, generated credentials. Stopped with SIGTERM at the end of the session;
+    the session fails if it does not exit cleanly.
+``hsmkeys_kms_client`` (session)
+    A boto3 ``kms`` client for ``hsmkeys_kms`` (no retries); skipped without boto3.
 
-Every test shares the session's token: key ids are random UUIDs, so tests do not
-collide, but ``KeyStore.doctor`` sees other tests' objects as orphans — check
+Every test shares the session's token (and server): key ids are random UUIDs, so tests
+do not collide, but ``KeyStore.doctor`` sees other tests' objects as orphans — check
 doctor reports for your own refs, and run ``doctor(fix=True)`` only in a process of
 its own (for example with ``pytester.runpytest_subprocess``).
 
@@ -48,8 +66,11 @@ import pytest
 
 from hsmkeys.clock import FakeClock
 from hsmkeys.errors import ConfigError
+from hsmkeys.testing.server import EphemeralKms, start_ephemeral_kms
 
 if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
     from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
     from hsmkeys.keystore import KeyStore
 
@@ -70,8 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hsm: runs against a real SoftHSM2 token")
 
 
-@pytest.fixture(scope="session")
-def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
+def _softhsm_module_or_skip() -> str:
+    """The SoftHSM2 module's path; skips the test when SoftHSM2 is not installed."""
     from hsmkeys.hsm import softhsm
 
     try:
@@ -80,6 +101,14 @@ def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmT
         pytest.skip(str(exc))
     if shutil.which("softhsm2-util") is None:
         pytest.skip("softhsm2-util not found on PATH; install softhsm2")
+    return module
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
+    from hsmkeys.hsm import softhsm
+
+    module = _softhsm_module_or_skip()
 
     from hsmkeys.hsm.pkcs11 import module_loaded
 
@@ -137,3 +166,21 @@ def hsm_keystore(
         yield KeyStore(hsm=hsm, catalog=catalog, clock=hsm_keystore_clock)
     finally:
         catalog.close()
+
+
+@pytest.fixture(scope="session")
+def hsmkeys_kms() -> Iterator[EphemeralKms]:
+    _softhsm_module_or_skip()
+    kms = start_ephemeral_kms()
+    try:
+        yield kms
+    finally:
+        code = kms.stop()
+    if code != 0:
+        pytest.fail(f"the hsmkeys_kms server exited with {code}, not 0", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def hsmkeys_kms_client(hsmkeys_kms: EphemeralKms) -> KMSClient:
+    pytest.importorskip("boto3")
+    return hsmkeys_kms.client()

@@ -49,7 +49,7 @@ def _no_wire_shape_errors(wire_log: WireLog) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def kms(kms_server: ServerProcess, wire_log: WireLog) -> Any:
-    return make_client(kms_server.url, wire_log)
+    return make_client(kms_server, wire_log)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

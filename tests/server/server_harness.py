@@ -1,9 +1,10 @@
 """Helpers for the server tests: start a real server, check wire shapes, signed raw HTTP.
 
-``start_server`` runs ``python -m hsmkeys serve --ephemeral --port 0`` on 127.0.0.1 and
-waits for its ``listening on`` line. ``make_client`` builds a boto3 KMS client whose
-every successful response body is checked against the botocore KMS model
-(``wire_shape_errors``), errors collected in a ``WireLog``.
+``start_server`` is :func:`hsmkeys.testing.server.start_ephemeral_kms` with this
+suite's fixed admin credentials (``ACCESS_KEY_ID`` / ``SECRET_ACCESS_KEY``), so raw
+requests can be signed without asking the server. ``make_client`` builds a boto3 KMS
+client whose every successful response body is checked against the botocore KMS
+model (``wire_shape_errors``), errors collected in a ``WireLog``.
 """
 
 from __future__ import annotations
@@ -11,114 +12,36 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from hsmkeys.testing.server import REGION, EphemeralKms, start_ephemeral_kms
+
+ServerProcess = EphemeralKms
+
 ACCESS_KEY_ID = "AKIAHSMKEYSTESTADMIN"
 SECRET_ACCESS_KEY = "hsmkeys-test-secret-access-key-0123456789"
 ACCOUNT_ID = "111122223333"
-REGION = "us-east-1"
 ADMIN_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/admin"
 KEY_ARN = re.compile(rf"^arn:aws:kms:{REGION}:{ACCOUNT_ID}:key/[0-9a-f-]{{36}}$")
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
 
 _MODEL = botocore.session.get_session().get_service_model("kms")
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    url: str
-    host: str
-    port: int
-    audit_log: Path
-    output: list[str] = field(default_factory=list)  # stdout lines so far
-
-    def stop(self) -> int:
-        """SIGTERM, then wait; returns the exit code (kills after STOP_TIMEOUT_S)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def server_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "HSMKEYS_")) and k != "SOFTHSM2_CONF"
-    }
-    env["AWS_ACCESS_KEY_ID"] = ACCESS_KEY_ID
-    env["AWS_SECRET_ACCESS_KEY"] = SECRET_ACCESS_KEY
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def start_server(*args: str, env: Mapping[str, str] | None = None) -> ServerProcess:
-    """Start ``python -m hsmkeys serve --ephemeral --port 0 ARGS`` on 127.0.0.1 and wait
-    for its ``listening on`` line."""
-    command = [
-        sys.executable, "-m", "hsmkeys", "serve", "--ephemeral",
-        "--host", "127.0.0.1", "--port", "0", *args,
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=None,  # the server log goes to pytest's captured stderr
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=dict(server_env() if env is None else env),
+    """``hsmkeys serve --ephemeral ARGS`` serving ``ACCESS_KEY_ID`` / ``SECRET_ACCESS_KEY``
+    (unless ``env`` overrides them)."""
+    return start_ephemeral_kms(
+        *args, access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY, env=env
     )
-    lines: queue.Queue[str | None] = queue.Queue()
-    output: list[str] = []
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line.rstrip("\n"))
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    audit_log: Path | None = None
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            process.kill()
-            raise RuntimeError(f"server did not start in {START_TIMEOUT_S}s: {output}") from None
-        if line is None:
-            process.wait()
-            raise RuntimeError(f"server exited with {process.returncode}: {output}")
-        if line.startswith("audit log: "):
-            audit_log = Path(line.removeprefix("audit log: "))
-        match = re.fullmatch(r"listening on (http://(127\.0\.0\.1):(\d+))", line)
-        if match:
-            assert audit_log is not None, output
-            return ServerProcess(process, match[1], match[2], int(match[3]), audit_log, output)
 
 
 # ------------------------------------------------------------------ wire shape checks
@@ -208,15 +131,10 @@ class WireLog:
     errors: list[str] = field(default_factory=list)
 
 
-def make_client(url: str, wire_log: WireLog | None = None, **credentials: str) -> Any:
-    client = boto3.client(
-        "kms",
-        endpoint_url=url,
-        region_name=REGION,
-        aws_access_key_id=credentials.get("access_key_id", ACCESS_KEY_ID),
-        aws_secret_access_key=credentials.get("secret_access_key", SECRET_ACCESS_KEY),
-        config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60),
-    )
+def make_client(server: ServerProcess, wire_log: WireLog | None = None) -> Any:
+    """``server.client()`` with generous timeouts; every successful response is shape-checked
+    into ``wire_log`` if given."""
+    client = server.client(config=Config(connect_timeout=10, read_timeout=60))
     if wire_log is not None:
 
         def check(operation_model: Any, response_dict: Mapping[str, Any], **_: Any) -> None:

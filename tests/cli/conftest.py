@@ -5,16 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.cli import main
-from hsmkeys.clock import FakeClock
-from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
 
 
@@ -30,28 +26,6 @@ class Ran:
 
 
 RunCli = Callable[..., Ran]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def hsm() -> MemoryHsm:
-    return MemoryHsm()
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[SqliteCatalog]:
-    cat = SqliteCatalog(tmp_path / "catalog.db")
-    yield cat
-    cat.close()
-
-
-@pytest.fixture
-def store(hsm: MemoryHsm, catalog: SqliteCatalog, clock: FakeClock) -> KeyStore:
-    return KeyStore(hsm=hsm, catalog=catalog, clock=clock)
 
 
 def run_main(

@@ -281,21 +281,21 @@ def test_doctor_on_a_consistent_store_exits_0(cli: RunCli, key_id: str) -> None:
     assert ran.code == 0 and ran.text.startswith("consistent")
 
 
-def test_doctor_reports_an_orphan_and_fix_destroys_it(cli: RunCli, hsm: MemoryHsm, key_id: str) -> None:
+def test_doctor_reports_an_orphan_and_fix_destroys_it(cli: RunCli, memory_hsm_backend: MemoryHsm, key_id: str) -> None:
     orphan = KeyVersionRef(uuid.uuid4(), 1)
-    hsm.create_key(orphan, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
+    memory_hsm_backend.create_key(orphan, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
     found = cli("doctor")
     assert found.code == 1 and f"orphan HSM object {orphan.label}" in found.text
     assert "doctor --fix" in found.text
     fixed = cli("--json", "doctor", "--fix")
     assert fixed.code == 1  # drift was found, even though it is now repaired
     assert json.loads(fixed.out)["fixed"] is True
-    assert not hsm.has_key(orphan)
+    assert not memory_hsm_backend.has_key(orphan)
     assert cli("doctor").code == 0
 
 
 def test_audit_verify_passes_then_names_the_tampered_line(
-    hsm: MemoryHsm,
+    memory_hsm_backend: MemoryHsm,
     catalog: SqliteCatalog,
     clock: FakeClock,
     tmp_path: Path,
@@ -303,8 +303,8 @@ def test_audit_verify_passes_then_names_the_tampered_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     log_path = tmp_path / "audit.log"
-    mac_source = KeyStore(hsm=hsm, catalog=catalog, clock=clock)
-    audited = KeyStore(hsm=hsm, catalog=catalog, clock=clock, audit=AuditLog(log_path, mac=mac_source.audit_mac))
+    mac_source = KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock)
+    audited = KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock, audit=AuditLog(log_path, mac=mac_source.audit_mac))
     cli = run_main(audited, capsysbinary, monkeypatch)
     key = _create(cli)
     cli("encrypt", "--key-id", key, stdin=b"x")

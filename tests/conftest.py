@@ -1,0 +1,37 @@
+"""Fixtures shared by the in-memory suites (tests/unit, tests/cli): a KeyStore on the
+in-memory HSM, a SQLite catalog in tmp_path and a fake clock. The SoftHSM2 and server
+fixtures come from the hsmkeys pytest plugin (hsmkeys/testing/plugin.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hsmkeys.catalog.sqlite import SqliteCatalog
+from hsmkeys.clock import FakeClock
+from hsmkeys.hsm.memory import MemoryHsm
+from hsmkeys.keystore import KeyStore
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def memory_hsm_backend() -> MemoryHsm:
+    return MemoryHsm()
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[SqliteCatalog]:
+    cat = SqliteCatalog(tmp_path / "catalog.db")
+    yield cat
+    cat.close()
+
+
+@pytest.fixture
+def store(memory_hsm_backend: MemoryHsm, catalog: SqliteCatalog, clock: FakeClock) -> KeyStore:
+    return KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock)

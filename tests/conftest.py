@@ -8,11 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.clock import FakeClock
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
+
+# CI shares 2 cores with SoftHSM2 and server processes: a slow example is not a bug.
+settings.register_profile(
+    "hsmkeys", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("hsmkeys")
 
 
 @pytest.fixture

@@ -410,7 +410,8 @@ def _serve(
         )
         server = uvicorn.Server(config)
         if not stop.is_set():
-            asyncio.run(_run_until_stopped(server, sock, stop, on_started, parent_pid))
+            with asyncio.Runner(loop_factory=_loop_factory()) as loop_runner:
+                loop_runner.run(_run_until_stopped(server, sock, stop, on_started, parent_pid))
     finally:
         close()
         lock.release()
@@ -580,6 +581,16 @@ def _poll(conn: Connection) -> tuple[str, Any] | None:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (a dependency on Linux), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 @dataclass(frozen=True, slots=True)

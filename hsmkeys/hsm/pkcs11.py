@@ -481,6 +481,7 @@ class Pkcs11Hsm:
             self._cache.public_der = {
                 r: d for r, d in self._cache.public_der.items() if r in index
             }
+            self._cache.hmac_keys = {}  # re-checked on next use against the fresh objects
             self._cache.indexed = True
             return set(index)
 

@@ -386,6 +386,7 @@ def _serve(
     verifier = build_verifier(settings)
     lock = _MaintenanceLock(maintenance_lock_path(settings))
     keystore = KeyStore.open(settings)
+    keystore.preload()  # before the first request, not during it
     close = _Once(keystore.close)
     try:
         app = create_app(

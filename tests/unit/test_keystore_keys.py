@@ -220,3 +220,10 @@ def test_default_policy_grants_the_account_root(store: KeyStore) -> None:
 
     doc = json.loads(default_key_policy("111122223333"))
     assert doc["Statement"][0]["Principal"] == {"AWS": "arn:aws:iam::111122223333:root"}
+
+
+def test_preload_indexes_every_key_version(store: KeyStore) -> None:
+    first = store.create_key().key_metadata.key_id
+    store.create_key()
+    store.rotate_key_on_demand(key_id=first)
+    assert store.preload() == 3

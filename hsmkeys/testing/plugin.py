@@ -87,20 +87,38 @@ class SoftHsmToken:
     pin: str = field(repr=False)
 
 
+_REQUIRE_INI = "hsmkeys_require_softhsm"
+_require_softhsm = False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        _REQUIRE_INI,
+        "fail (rather than skip) SoftHSM2-backed tests when SoftHSM2 is not installed",
+        type="bool",
+        default=False,
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global _require_softhsm
     config.addinivalue_line("markers", "hsm: runs against a real SoftHSM2 token")
+    _require_softhsm = bool(config.getini(_REQUIRE_INI))
 
 
-def _softhsm_module_or_skip() -> str:
-    """The SoftHSM2 module's path; skips the test when SoftHSM2 is not installed."""
+def softhsm_module_or_skip() -> str:
+    """The SoftHSM2 module's path. Without SoftHSM2 the test is skipped, or fails when
+    the ini option ``hsmkeys_require_softhsm`` is true (a suite whose CI installs it)."""
     from hsmkeys.hsm import softhsm
 
     try:
         module = str(softhsm.find_module())
+        if shutil.which("softhsm2-util") is None:
+            raise ConfigError("softhsm2-util not found on PATH; install softhsm2")
     except ConfigError as exc:
+        if _require_softhsm:
+            pytest.fail(f"SoftHSM2 is required here: {exc}", pytrace=False)
         pytest.skip(str(exc))
-    if shutil.which("softhsm2-util") is None:
-        pytest.skip("softhsm2-util not found on PATH; install softhsm2")
     return module
 
 
@@ -108,7 +126,7 @@ def _softhsm_module_or_skip() -> str:
 def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
     from hsmkeys.hsm import softhsm
 
-    module = _softhsm_module_or_skip()
+    module = softhsm_module_or_skip()
 
     from hsmkeys.hsm.pkcs11 import module_loaded
 
@@ -170,7 +188,7 @@ def hsm_keystore(
 
 @pytest.fixture(scope="session")
 def hsmkeys_kms() -> Iterator[EphemeralKms]:
-    _softhsm_module_or_skip()
+    softhsm_module_or_skip()
     kms = start_ephemeral_kms()
     try:
         yield kms

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -18,21 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hsmkeys.errors import ConfigError
-from hsmkeys.hsm import softhsm
+from hsmkeys.testing.plugin import softhsm_module_or_skip
 
 pytestmark = pytest.mark.hsm
 
 ACCESS_KEY_ID = "AKIAHSMKEYSCLITEST01"
-
-
-def _module_or_skip() -> Path:
-    if shutil.which("softhsm2-util") is None:
-        pytest.skip("softhsm2-util is not installed")
-    try:
-        return softhsm.find_module()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
 
 
 def _console_script() -> list[str]:
@@ -69,7 +58,7 @@ class Project:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     """A config in a temp dir, initialised once with ``init --create-token``."""
-    module = _module_or_skip()
+    module = Path(softhsm_module_or_skip())
     root = tmp_path_factory.mktemp("cli-softhsm")
     config = root / "hsmkeys.yaml"
     config.write_text(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from hsmkeys.models import EncryptionAlgorithm, KeySpec, MacAlgorithm, SigningAlgorithm
 
@@ -30,13 +30,6 @@ PSS = frozenset(
         SigningAlgorithm.RSASSA_PSS_SHA_256,
         SigningAlgorithm.RSASSA_PSS_SHA_384,
         SigningAlgorithm.RSASSA_PSS_SHA_512,
-    }
-)
-PKCS1 = frozenset(
-    {
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_256,
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_384,
-        SigningAlgorithm.RSASSA_PKCS1_V1_5_SHA_512,
     }
 )
 OAEP_HASHES: MappingProxyType[EncryptionAlgorithm, hashes.HashAlgorithm] = MappingProxyType(
@@ -62,3 +55,11 @@ CURVES: MappingProxyType[str, ec.EllipticCurve] = MappingProxyType(
         KeySpec.ECC_SECG_P256K1: ec.SECP256K1(),
     }
 )
+
+
+def rsa_signature_padding(algorithm: SigningAlgorithm) -> padding.AsymmetricPadding:
+    """PSS with MGF1 of the same hash and a salt as long as the digest (as AWS KMS), else PKCS#1 v1.5."""
+    if algorithm in PSS:
+        hash_alg = SIGNING_HASHES[algorithm]
+        return padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+    return padding.PKCS1v15()

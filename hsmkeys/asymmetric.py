@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from hsmkeys import keyspecs
-from hsmkeys.algorithms import CURVES, OAEP_HASHES, PSS, SIGNING_HASHES
+from hsmkeys.algorithms import CURVES, OAEP_HASHES, SIGNING_HASHES, rsa_signature_padding
 from hsmkeys.catalog.base import KeyRecord
 from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
@@ -182,11 +182,7 @@ class AsymmetricOperations:
         hash_alg = SIGNING_HASHES[algorithm]
         try:
             if isinstance(public, rsa.RSAPublicKey):
-                pad: padding.AsymmetricPadding = (
-                    padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
-                    if algorithm in PSS
-                    else padding.PKCS1v15()
-                )
+                pad = rsa_signature_padding(algorithm)
                 public.verify(signature, digest, pad, Prehashed(hash_alg))
             else:
                 public.verify(signature, digest, ec.ECDSA(Prehashed(hash_alg)))

@@ -1076,17 +1076,17 @@ def _tag_map(tags: Iterable[Tag | Mapping[str, str]] | None) -> dict[str, str]:
         raise ValidationException("tags must be a list of {TagKey, TagValue}")
     out: dict[str, str] = {}
     for tag in tags:
+        raw_key: object
+        raw_value: object
         if isinstance(tag, Tag):
-            key, value = tag.tag_key, tag.tag_value
+            raw_key, raw_value = tag.tag_key, tag.tag_value
         elif isinstance(tag, Mapping):
             raw_key = tag["TagKey"] if "TagKey" in tag else tag.get("tag_key")
             raw_value = tag["TagValue"] if "TagValue" in tag else tag.get("tag_value")
-            key = check_str("tagKey", raw_key, min_len=1, max_len=128)
-            value = check_str("tagValue", raw_value, min_len=0, max_len=256)
         else:
             raise ValidationException("tags must be a list of {TagKey, TagValue}")
-        check_str("tagKey", key, min_len=1, max_len=128)
-        check_str("tagValue", value, min_len=0, max_len=256)
+        key = check_str("tagKey", raw_key, min_len=1, max_len=128)
+        value = check_str("tagValue", raw_value, min_len=0, max_len=256)
         if key.startswith("aws:"):
             raise TagException("Tag keys beginning with aws: are reserved.")
         out[key] = value

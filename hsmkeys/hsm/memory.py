@@ -28,7 +28,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsmkeys import keyspecs
-from hsmkeys.algorithms import CURVES, MAC_HASHES, OAEP_HASHES, PSS, SIGNING_HASHES
+from hsmkeys.algorithms import (
+    CURVES,
+    MAC_HASHES,
+    OAEP_HASHES,
+    SIGNING_HASHES,
+    rsa_signature_padding,
+)
 from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     AlreadyExistsException,
@@ -169,12 +175,7 @@ class MemoryHsm:
             raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
         material = key.material
         if isinstance(material, rsa.RSAPrivateKey):
-            pad: padding.AsymmetricPadding = (
-                padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
-                if algorithm in PSS
-                else padding.PKCS1v15()
-            )
-            return material.sign(digest, pad, Prehashed(hash_alg))
+            return material.sign(digest, rsa_signature_padding(algorithm), Prehashed(hash_alg))
         if isinstance(material, ec.EllipticCurvePrivateKey):
             return material.sign(digest, ec.ECDSA(Prehashed(hash_alg)))
         raise _not_permitted(ref, key, algorithm)  # unreachable: the spec check above

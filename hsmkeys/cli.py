@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import secrets
-import string
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsmkeys.config import PrincipalSettings, Settings
+from hsmkeys.config import PrincipalSettings, Settings, new_secret_access_key
 from hsmkeys.context import CallContext, call_context
 from hsmkeys.errors import (
     ConfigError,
@@ -59,8 +58,6 @@ EXIT_NO = 1  # a verification or check answered "no"
 EXIT_ERROR = 2
 
 _PIN_BYTES = 16  # 32 hex characters; SoftHSM2 accepts 4-255
-_SECRET_LEN = 40  # as long as an AWS secret access key
-_SECRET_ALPHABET = string.ascii_letters + string.digits
 _SYSTEM_SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
 _SYSTEM_TOKEN_DIR = Path("/var/lib/softhsm")
 
@@ -721,16 +718,12 @@ def _create_token(settings: Settings, steps: list[_Step]) -> None:
         steps.append(_Step("token", label, "created"))
 
 
-def _new_secret_access_key() -> str:
-    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LEN))
-
-
 def _principal_secrets(settings: Settings, steps: list[_Step]) -> None:
     for principal in settings.principals:
         if principal.secret_access_key_file is not None:
             _secret_file(
                 principal.secret_access_key_file,
-                _new_secret_access_key,
+                new_secret_access_key,
                 f"secret of {principal.access_key_id}",
                 steps,
             )

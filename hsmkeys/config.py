@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,20 @@ _TOP_LEVEL = {
 }
 _HSM_FIELDS = {"module", "token_label", "pin_env", "pin_file", "softhsm2_conf"}
 _PRINCIPAL_FIELDS = {"arn", "access_key_id", "secret_access_key_env", "secret_access_key_file"}
+
+
+_KEY_ID_ALPHABET = string.ascii_uppercase + string.digits
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_access_key_id() -> str:
+    """A random access key id shaped like AWS's: AKIA and 16 upper-case letters or digits."""
+    return "AKIA" + "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(16))
+
+
+def new_secret_access_key() -> str:
+    """A random 40-character secret, as long as an AWS secret access key."""
+    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(40))
 
 
 def _read_secret(field_name: str, env_name: str | None, file: Path | None, env: Mapping[str, str]) -> str:

@@ -51,7 +51,6 @@ import os
 import secrets
 import signal
 import socket
-import string
 import sys
 import tempfile
 import threading
@@ -66,7 +65,13 @@ from typing import Any
 
 import uvicorn
 
-from hsmkeys.config import HsmSettings, PrincipalSettings, Settings
+from hsmkeys.config import (
+    HsmSettings,
+    PrincipalSettings,
+    Settings,
+    new_access_key_id,
+    new_secret_access_key,
+)
 from hsmkeys.errors import ConfigError, KMSError
 from hsmkeys.hsm import softhsm
 from hsmkeys.keystore import KeyStore
@@ -97,7 +102,6 @@ _MAX_RESTARTS = 5
 _RESTART_WINDOW_S = 60.0
 _BACKLOG = 2048
 _EPHEMERAL_LABEL = "hsmkeys-ephemeral"
-_ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
 _REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
@@ -228,8 +232,8 @@ def ephemeral_settings(
     secret_access_key = env.get("AWS_SECRET_ACCESS_KEY", "")
     generated = not (access_key_id and secret_access_key)
     if generated:
-        access_key_id = "AKIA" + "".join(secrets.choice(_ACCESS_KEY_ALPHABET) for _ in range(16))
-        secret_access_key = secrets.token_urlsafe(30)
+        access_key_id = new_access_key_id()
+        secret_access_key = new_secret_access_key()
     secret_file = _secret_file(directory / "admin-secret", secret_access_key)
 
     settings = Settings(

@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import re
-import secrets
 import signal
-import string
 import subprocess
 import sys
 import threading
@@ -27,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from hsmkeys.config import new_access_key_id, new_secret_access_key
+
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
@@ -34,7 +34,6 @@ __all__ = ["EphemeralKms", "start_ephemeral_kms"]
 
 REGION = "us-east-1"  # what ``serve --ephemeral`` signs for
 STOP_TIMEOUT_S = 30.0
-_ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
 # Settings the caller's shell may carry that would point the child at other keys.
 _NOT_INHERITED = ("AWS_", "HSMKEYS_")
 _LISTENING = re.compile(r"listening on (http://(127\.0\.0\.1):(\d+))")
@@ -119,9 +118,9 @@ def start_ephemeral_kms(
     within ``timeout`` seconds; it is killed then.
     """
     if access_key_id is None:
-        access_key_id = "AKIA" + "".join(secrets.choice(_ACCESS_KEY_ALPHABET) for _ in range(16))
+        access_key_id = new_access_key_id()
     if secret_access_key is None:
-        secret_access_key = secrets.token_urlsafe(30)  # 40 characters
+        secret_access_key = new_secret_access_key()
     child_env = {
         k: v
         for k, v in os.environ.items()

@@ -20,6 +20,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -30,7 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsmkeys.config import PrincipalSettings, Settings, new_secret_access_key
+from hsmkeys.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    PrincipalSettings,
+    ServerSettings,
+    Settings,
+    new_secret_access_key,
+    read_secret_file,
+)
 from hsmkeys.context import CallContext, call_context
 from hsmkeys.errors import (
     ConfigError,
@@ -569,11 +578,38 @@ def _cmd_doctor(cli: _Cli) -> int:
     return EXIT_NO
 
 
-def _cmd_audit_verify(cli: _Cli) -> int:
-    from hsmkeys.audit import verify_audit_logs
+def _configured_audit_log(cli: _Cli) -> Path | None:
+    """The config's audit_log; None without one (an injected store may come without config)."""
+    try:
+        return cli.settings().audit_log
+    except ConfigError:
+        if cli.opener is None:
+            raise
+        return None
 
-    with cli.store() as store:
-        result = verify_audit_logs([Path(f) for f in cli.args.files], store.audit_mac)
+
+def _cmd_audit_verify(cli: _Cli) -> int:
+    from hsmkeys.audit import audit_log_files, verify_audit_logs
+
+    configured = _configured_audit_log(cli)
+    if cli.args.files:
+        files = [Path(f) for f in cli.args.files]
+    elif configured is not None:
+        files = audit_log_files(configured)
+    else:
+        raise InputError("give the audit log FILEs, or set audit_log in the config")
+    # The catalog's checkpoint belongs to the configured log: use it when that log is checked.
+    log_id = str(configured.resolve()) if configured is not None else None
+    use_catalog = log_id is not None and any(str(f.resolve()) == log_id for f in files)
+    # Without the audit writer: verifying must not append to (or create) the log it checks.
+    opened = cli.opener() if cli.opener is not None else KeyStore.open(cli.settings(), audit=False)
+    with opened as store:
+        checkpoint = store.catalog_checkpoint(log_id) if use_catalog and log_id else None
+
+        def mac(data: bytes) -> bytes:
+            return store.audit_mac(data, create=False)  # a missing key fails, never made
+
+        result = verify_audit_logs(files, mac, checkpoint=checkpoint)
     if cli.as_json:
         _out_json(
             {
@@ -581,14 +617,45 @@ def _cmd_audit_verify(cli: _Cli) -> int:
                 "lines": result.lines,
                 "first_bad_line": result.first_bad_line,
                 "reason": result.reason,
+                "file": str(result.file) if result.file is not None else None,
+                "last_checkpoint": result.last_checkpoint,
+                "catalog_checkpoint": checkpoint.sequence if checkpoint is not None else None,
             }
         )
     elif result.ok:
-        _out(f"intact: {result.lines} line(s)")
+        _out(f"intact: {result.lines} line(s), last checkpoint seq {result.last_checkpoint}")
+        if result.reason != "intact":
+            _out(result.reason)
     else:
         where = f"line {result.first_bad_line}" if result.first_bad_line is not None else "file"
-        _out(f"damaged at {where}: {result.reason}")
+        _out(f"damaged: {result.file} {where}: {result.reason}")
     return EXIT_OK if result.ok else EXIT_NO
+
+
+def _cmd_audit_rotate(cli: _Cli) -> int:
+    with cli.store() as store:
+        rotated = store.rotate_audit_log()
+    if cli.as_json:
+        _out_json({"rotated": str(rotated)})
+    else:
+        _out(f"rotated: {rotated}; new lines continue its chain in the live file")
+    return EXIT_OK
+
+
+def _serve_options(a: argparse.Namespace, configured: ServerSettings) -> ServerSettings:
+    """``configured`` with the serve command's flags applied over it."""
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise ConfigError("serve: give both --tls-cert and --tls-key, or neither")
+    tls_cert, tls_key = configured.tls_cert, configured.tls_key
+    if a.tls_cert is not None:
+        tls_cert, tls_key = Path(a.tls_cert).resolve(), Path(a.tls_key).resolve()
+    return ServerSettings(
+        host=configured.host if a.host is None else a.host,
+        port=configured.port if a.port is None else a.port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        access_log=configured.access_log or a.access_log,
+    )
 
 
 def _cmd_serve(cli: _Cli) -> int:
@@ -597,9 +664,27 @@ def _cmd_serve(cli: _Cli) -> int:
     a = cli.args
     try:
         if a.ephemeral:
-            runner.run_ephemeral(host=a.host, port=a.port, workers=a.workers)
+            server = _serve_options(a, ServerSettings())
+            runner.run_ephemeral(
+                host=server.host,
+                port=server.port,
+                workers=a.workers,
+                region=a.region,
+                account_id=a.account_id,
+                server=server,
+                insecure_http=a.insecure_http,
+            )
         else:
-            runner.run_server(cli.settings(), host=a.host, port=a.port, workers=a.workers)
+            if a.region is not None or a.account_id is not None:
+                raise ConfigError(
+                    "serve: --region and --account-id are for --ephemeral; "
+                    "set region and account_id in the config file"
+                )
+            settings = cli.settings()
+            settings = dataclasses.replace(settings, server=_serve_options(a, settings.server))
+            runner.run_server(
+                settings, workers=a.workers, insecure_http=a.insecure_http, no_audit=a.no_audit
+            )
     except runner.ServerError as exc:
         return _error("ServerError", str(exc))
     return EXIT_OK
@@ -636,14 +721,9 @@ def _replace_private(path: Path, text: str) -> None:
 def _secret_file(path: Path, make: Callable[[], str], what: str, steps: list[_Step]) -> str:
     """The secret in ``path``, generated (0600) if the file does not exist yet."""
     if path.exists():
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-        if not value:
+        if path.stat().st_size == 0:
             raise ConfigError(f"{what}: {path} is empty; delete it to have init generate one")
-        if path.stat().st_mode & 0o077:
-            print(f"warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+        value = read_secret_file(what, path)  # refuses a file group or others can read
         steps.append(_Step(what, str(path), "reused"))
         return value
     value = make()
@@ -760,24 +840,50 @@ def _credentials_file(settings: Settings, principal: PrincipalSettings, steps: l
     steps.append(_Step("credentials", str(path), "created"))
 
 
+def _self_signed_cert(settings: Settings, steps: list[_Step]) -> tuple[Path, Path, bool]:
+    """The server's TLS pair (where the config puts it, else beside the catalog), made
+    self-signed for localhost if neither file exists; and whether the config names it."""
+    from hsmkeys.server.tls import write_self_signed_cert
+
+    configured = settings.server.tls_cert is not None and settings.server.tls_key is not None
+    folder = settings.catalog.parent
+    cert = settings.server.tls_cert or folder / "tls-cert.pem"
+    key = settings.server.tls_key or folder / "tls-key.pem"
+    if cert.exists() and key.exists():
+        read_secret_file("server.tls_key", key)  # refuses a key group or others can read
+        steps += [_Step("tls cert", str(cert), "reused"), _Step("tls key", str(key), "reused")]
+    elif cert.exists() or key.exists():
+        present, missing = (cert, key) if cert.exists() else (key, cert)
+        raise ConfigError(
+            f"server.tls_cert/tls_key: {present} exists but {missing} does not; "
+            "restore it, or delete both to have init make a new pair"
+        )
+    else:
+        write_self_signed_cert(cert, key)
+        steps += [_Step("tls cert", str(cert), "created"), _Step("tls key", str(key), "created")]
+    return cert, key, configured
+
+
 def _cmd_init(cli: _Cli) -> int:
     settings = cli.settings()
     steps: list[_Step] = []
     if cli.args.create_token:
         _create_token(settings, steps)
         _principal_secrets(settings, steps)
+    tls = _self_signed_cert(settings, steps) if cli.args.self_signed_cert else None
     catalog_existed = settings.catalog.exists()
     with cli.store() as store:  # opening creates the catalog and proves the PIN works
         status = store.status()
     steps.append(_Step("catalog", str(settings.catalog), "reused" if catalog_existed else "created"))
     if cli.as_json:
-        _out_json(
-            {
-                "steps": [{"item": s.item, "where": s.where, "action": s.action} for s in steps],
-                "token_label": status.token_label,
-                "keys": status.keys,
-            }
-        )
+        report: dict[str, object] = {
+            "steps": [{"item": s.item, "where": s.where, "action": s.action} for s in steps],
+            "token_label": status.token_label,
+            "keys": status.keys,
+        }
+        if tls is not None:
+            report["ca_bundle"] = str(tls[0])
+        _out_json(report)
         return EXIT_OK
     width = max(len(s.item) for s in steps)
     for s in steps:
@@ -787,7 +893,19 @@ def _cmd_init(cli: _Cli) -> int:
         ("already initialised; reused everything. " if reused else "")
         + f"ready: token {status.token_label}, {status.keys} key(s)"
     )
+    if tls is not None:
+        cert, key, configured = tls
+        if not configured:
+            _out(f"serve over TLS: add to the config  server: {{tls_cert: {cert}, tls_key: {key}}}")
+        _out(f"trust it (boto3, aws CLI): export AWS_CA_BUNDLE={cert}")
     return EXIT_OK
+
+
+def _cmd_provision(cli: _Cli) -> int:
+    # Its own exit codes (0 no changes, 2 changes pending, 1 error), as scripts/provision.py.
+    from hsmkeys.provision.command import run
+
+    return run(cli.args, open_store=cli.store)
 
 
 # ==================================================================== parser
@@ -831,6 +949,12 @@ def _parser() -> argparse.ArgumentParser:
         "--create-token",
         action="store_true",
         help="SoftHSM2 only, under $SOFTHSM2_CONF: generate PINs and principal secrets, init the token",
+    )
+    sub.add_argument(
+        "--self-signed-cert",
+        action="store_true",
+        help="write a self-signed TLS certificate and key (0600) for localhost/127.0.0.1 at "
+        "server.tls_cert/tls_key, else beside the catalog; prints the AWS_CA_BUNDLE to trust it",
     )
     command(commands, "status", _cmd_status, "show the token, module and number of keys")
 
@@ -908,13 +1032,41 @@ def _parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True, metavar="<audit command>"
     )
     sub = command(audit, "verify", _cmd_audit_verify, "check audit log files, oldest first (exit 1 if damaged)")
-    sub.add_argument("files", nargs="+", metavar="FILE")
+    sub.add_argument(
+        "files", nargs="*", metavar="FILE", help="default: the config's audit_log and its rotated files"
+    )
+    command(audit, "rotate", _cmd_audit_rotate, "rename the audit log aside and start a linked one")
 
-    sub = command(commands, "serve", _cmd_serve, "serve the KMS API over HTTP")
-    sub.add_argument("--host", default="127.0.0.1")
-    sub.add_argument("--port", type=int, default=7300)
+    from hsmkeys.provision.command import add_arguments as provision_arguments
+
+    provision = commands.add_parser(
+        "provision", help="plan/apply keys from a YAML file (exit 0 no changes, 2 pending, 1 error)"
+    ).add_subparsers(dest="provision_command", required=True, metavar="plan|apply")
+    for name, text in (("plan", "show what apply would change"), ("apply", "make the planned changes")):
+        provision_arguments(command(provision, name, _cmd_provision, text), name)
+
+    sub = command(commands, "serve", _cmd_serve, "serve the KMS API over HTTP(S)")
+    sub.add_argument("--host", default=None, help=f"listen address (default server.host, else {DEFAULT_HOST})")
+    sub.add_argument("--port", type=int, default=None, help=f"(default server.port, else {DEFAULT_PORT})")
     sub.add_argument("--workers", type=int, default=1, metavar="N")
     sub.add_argument("--ephemeral", action="store_true", help="throwaway token and catalog; no config needed")
+    sub.add_argument("--tls-cert", metavar="F", default=None, help="PEM certificate (chain): serve HTTPS")
+    sub.add_argument("--tls-key", metavar="F", default=None, help="PEM private key of --tls-cert")
+    sub.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy)",
+    )
+    sub.add_argument(
+        "--no-audit", action="store_true", help="serve although audit_log is not set (nothing is audited)"
+    )
+    sub.add_argument(
+        "--access-log", action="store_true", help="log one line per request to stderr (also server.access_log)"
+    )
+    sub.add_argument("--region", default=None, help="--ephemeral: region (default $HSMKEYS_REGION, else us-east-1)")
+    sub.add_argument(
+        "--account-id", default=None, help="--ephemeral: account id (default $HSMKEYS_ACCOUNT_ID, else 111122223333)"
+    )
     return parser
 
 

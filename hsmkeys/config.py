@@ -6,19 +6,30 @@ environment variable named after its path: ``HSMKEYS_HSM_MODULE``,
 ``HSMKEYS_HSM_TOKEN_LABEL``, ``HSMKEYS_HSM_PIN_ENV``, ``HSMKEYS_HSM_PIN_FILE``,
 ``HSMKEYS_HSM_SOFTHSM2_CONF``,
 ``HSMKEYS_CATALOG``, ``HSMKEYS_REGION``, ``HSMKEYS_ACCOUNT_ID``, ``HSMKEYS_AUDIT_LOG``,
-``HSMKEYS_MAINTENANCE_INTERVAL_SECONDS`` (relative paths from the environment are
-relative to the working directory).
+``HSMKEYS_MAINTENANCE_INTERVAL_SECONDS``, ``HSMKEYS_SERVER_HOST``,
+``HSMKEYS_SERVER_PORT``, ``HSMKEYS_SERVER_TLS_CERT``, ``HSMKEYS_SERVER_TLS_KEY``,
+``HSMKEYS_SERVER_ACCESS_LOG`` (relative paths from the environment are relative to
+the working directory).
 
 A PIN is never in the YAML, argv or logs: ``hsm.pin_env`` names an environment
-variable holding it, or ``hsm.pin_file`` a file. Every problem is one
+variable holding it, or ``hsm.pin_file`` a file. Secret files (``hsm.pin_file``,
+``secret_access_key_file``) must not be readable by group or others (``chmod 600``);
+they are checked whenever they are read. Every problem is one
 :class:`~hsmkeys.errors.ConfigError` whose message names the field.
+
+Principals authenticate with an access key id of 1-128 ASCII word characters (AWS
+ids look like ``AKIA...``; local emulators use ``test``) and may carry an identity
+policy, ``policy:`` (inline, as YAML) or ``policy_file:`` (a JSON file), kept as
+canonical JSON text and compiled at load (``hsmkeys.authz.compile_policy``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import stat
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,14 +38,14 @@ from typing import Any
 
 import yaml
 
-from hsmkeys.errors import ConfigError
+from hsmkeys.errors import ConfigError, MalformedPolicyDocumentException
 
 DEFAULT_CONFIG = "hsmkeys.yaml"
 ENV_PREFIX = "HSMKEYS_"
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-_ACCOUNT = re.compile(r"^\d{12}$")
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]+")
+_ACCOUNT = re.compile(r"[0-9]{12}")
 _PRINCIPAL_ARN = re.compile(r"^arn:aws:iam::\d{12}:(user|role)/[\w+=,.@/-]+$|^arn:aws:iam::\d{12}:root$")
-_ACCESS_KEY_ID = re.compile(r"^[A-Z0-9]{16,128}$")
+_ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
 _TOP_LEVEL = {
     "hsm",
     "catalog",
@@ -43,9 +54,24 @@ _TOP_LEVEL = {
     "audit_log",
     "maintenance_interval_seconds",
     "principals",
+    "server",
 }
 _HSM_FIELDS = {"module", "token_label", "pin_env", "pin_file", "softhsm2_conf"}
-_PRINCIPAL_FIELDS = {"arn", "access_key_id", "secret_access_key_env", "secret_access_key_file"}
+_PRINCIPAL_FIELDS = {
+    "arn",
+    "access_key_id",
+    "secret_access_key_env",
+    "secret_access_key_file",
+    "policy",
+    "policy_file",
+}
+_SERVER_FIELDS = {"host", "port", "tls_cert", "tls_key", "access_log"}
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7300
+DEFAULT_REGION = "us-east-1"
+DEFAULT_ACCOUNT_ID = "111122223333"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 _KEY_ID_ALPHABET = string.ascii_uppercase + string.digits
@@ -62,6 +88,52 @@ def new_secret_access_key() -> str:
     return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(40))
 
 
+def is_access_key_id(value: str) -> bool:
+    """Whether ``value`` is an accepted access key id: 1-128 of ``[A-Za-z0-9_]``."""
+    return _ACCESS_KEY_ID.fullmatch(value) is not None
+
+
+def check_region(value: str, where: str = "region") -> str:
+    """``value`` if it is a region name like us-east-1; else ConfigError naming ``where``."""
+    if not _REGION.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a region name like us-east-1")
+    return value
+
+
+def check_account_id(value: str, where: str = "account_id") -> str:
+    """``value`` if it is 12 digits; else ConfigError naming ``where``."""
+    if not _ACCOUNT.fullmatch(value):
+        raise ConfigError(f"{where}: must be 12 digits (quote it in YAML), got {value!r}")
+    return value
+
+
+def read_secret_file(field_name: str, file: Path) -> str:
+    """The stripped text of a secret file that only its owner may read.
+
+    ConfigError naming the field and the file if it cannot be read, is empty, or is
+    readable or writable by group or others (a PIN or secret key others can read is
+    no secret).
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{field_name}: cannot read {file}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as opened:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # of the file opened, not of a path re-resolved
+        if mode & 0o077:
+            raise ConfigError(
+                f"{field_name}: {file} is accessible by group or others (mode {mode:04o}); "
+                f"run: chmod 600 {file}"
+            )
+        try:
+            value = opened.read().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{field_name}: cannot read {file}: {exc}") from None
+    if not value:
+        raise ConfigError(f"{field_name}: {file} is empty")
+    return value
+
+
 def _read_secret(field_name: str, env_name: str | None, file: Path | None, env: Mapping[str, str]) -> str:
     """A secret from the named environment variable or file; ConfigError naming the field."""
     if env_name is not None:
@@ -70,13 +142,7 @@ def _read_secret(field_name: str, env_name: str | None, file: Path | None, env: 
             raise ConfigError(f"{field_name}: environment variable {env_name} is not set or empty")
         return value
     if file is not None:
-        try:
-            value = file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{field_name}: cannot read {file}: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(f"{field_name}: {file} is empty")
-        return value
+        return read_secret_file(field_name, file)
     raise ConfigError(f"{field_name}: neither an environment variable nor a file is configured")
 
 
@@ -113,6 +179,8 @@ class PrincipalSettings:
     access_key_id: str
     secret_access_key_env: str | None = None
     secret_access_key_file: Path | None = None
+    #: The principal's identity policy as canonical JSON text (sorted keys, no spaces).
+    policy: str | None = None
 
     def secret_access_key(self, env: Mapping[str, str] | None = None) -> str:
         return _read_secret(
@@ -124,15 +192,31 @@ class PrincipalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """``hsmkeys serve``: where to listen, TLS (both files or neither), the access log."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    access_log: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     hsm: HsmSettings
     catalog: Path
-    region: str = "us-east-1"
-    account_id: str = "111122223333"
+    region: str = DEFAULT_REGION
+    account_id: str = DEFAULT_ACCOUNT_ID
     audit_log: Path | None = None
     maintenance_interval_seconds: float = 60.0
     principals: tuple[PrincipalSettings, ...] = field(default=())
     config_path: Path | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,7 +228,7 @@ class Settings:
         except OSError as exc:
             raise ConfigError(f"config file {file}: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
         if data is None:
@@ -179,12 +263,10 @@ class Settings:
         if (pin_env is None) == (pin_file is None):
             raise ConfigError("hsm: give exactly one of pin_env or pin_file (never the PIN itself)")
 
-        region = reader.text("region", data.get("region", "us-east-1"))
-        if not _REGION.match(region):
-            raise ConfigError(f"region: {region!r} is not a region name like us-east-1")
-        account_id = reader.text("account_id", data.get("account_id", "111122223333"))
-        if not _ACCOUNT.match(account_id):
-            raise ConfigError("account_id: must be 12 digits (quote it in YAML)")
+        region = check_region(reader.text("region", data.get("region", DEFAULT_REGION)))
+        account_id = check_account_id(
+            reader.text("account_id", data.get("account_id", DEFAULT_ACCOUNT_ID))
+        )
         interval = reader.number(
             "maintenance_interval_seconds", data.get("maintenance_interval_seconds", 60)
         )
@@ -206,6 +288,7 @@ class Settings:
             maintenance_interval_seconds=interval,
             principals=_principals(data.get("principals", []), base_dir),
             config_path=config_path,
+            server=_server(data.get("server"), reader),
         )
 
 
@@ -250,6 +333,23 @@ class _Reader:
             raise ConfigError(f"{name}: required")
         return found
 
+    def integer(self, name: str, value: object) -> int:
+        raw, _ = self._raw(name, value)
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ConfigError(f"{name}: must be an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: must be an integer, got {raw!r}") from None
+
+    def flag(self, name: str, value: object) -> bool:
+        raw, _ = self._raw(name, value)
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ConfigError(f"{name}: must be true or false, got {raw!r}")
+
     def number(self, name: str, value: object) -> float:
         raw, _ = self._raw(name, value)
         if isinstance(raw, bool):
@@ -283,8 +383,8 @@ def _principals(value: object, base_dir: Path) -> tuple[PrincipalSettings, ...]:
         if not _PRINCIPAL_ARN.match(arn):
             raise ConfigError(f"{where}.arn: {arn!r} is not an IAM user, role or root ARN")
         key_id = reader.text(f"{where}.access_key_id", item.get("access_key_id"))
-        if not _ACCESS_KEY_ID.match(key_id):
-            raise ConfigError(f"{where}.access_key_id: 16-128 upper-case letters and digits")
+        if not is_access_key_id(key_id):
+            raise ConfigError(f"{where}.access_key_id: 1-128 letters, digits or underscores")
         if key_id in seen:
             raise ConfigError(f"{where}.access_key_id: {key_id} is listed twice")
         seen.add(key_id)
@@ -296,5 +396,68 @@ def _principals(value: object, base_dir: Path) -> tuple[PrincipalSettings, ...]:
             raise ConfigError(
                 f"{where}: give exactly one of secret_access_key_env or secret_access_key_file"
             )
-        found.append(PrincipalSettings(arn, key_id, secret_env, secret_file))
+        policy = _principal_policy(where, arn, item, reader)
+        found.append(PrincipalSettings(arn, key_id, secret_env, secret_file, policy))
     return tuple(found)
+
+
+def _principal_policy(where: str, arn: str, item: Mapping[str, Any], reader: _Reader) -> str | None:
+    """The principal's identity policy as canonical JSON, compiled once to prove it valid."""
+    inline, file = item.get("policy"), reader.optional_path(f"{where}.policy_file", item.get("policy_file"))
+    if inline is None and file is None:
+        return None
+    if inline is not None and file is not None:
+        raise ConfigError(f"{where} ({arn}): give policy or policy_file, not both")
+    if inline is not None:
+        if not isinstance(inline, dict):
+            raise ConfigError(f"{where}.policy ({arn}): must be a mapping (the policy document)")
+        document: object = inline
+    else:
+        assert file is not None
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where}.policy_file ({arn}): cannot read {file}: {exc.strerror}") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"{where}.policy_file ({arn}): {file} is not valid JSON: {exc}") from None
+    try:
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.policy ({arn}): not a JSON document: {exc}") from None
+
+    from hsmkeys.authz import compile_policy  # lazily: only configs with policies need it
+
+    try:
+        compile_policy(text, kind="identity")
+    except MalformedPolicyDocumentException as exc:
+        field_name = "policy" if inline is not None else "policy_file"
+        raise ConfigError(f"{where}.{field_name} ({arn}): {exc.message or exc.code}") from None
+    return text
+
+
+def _server(value: object, reader: _Reader) -> ServerSettings:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError("server: must be a mapping (host, port, tls_cert, tls_key, access_log)")
+    _no_unknown("server.", value, _SERVER_FIELDS)
+    host = reader.text("server.host", value.get("host", DEFAULT_HOST))
+    port = reader.integer("server.port", value.get("port", DEFAULT_PORT))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"server.port: must be 0-65535, got {port}")
+    tls_cert = reader.optional_path("server.tls_cert", value.get("tls_cert"))
+    tls_key = reader.optional_path("server.tls_key", value.get("tls_key"))
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("server: give both tls_cert and tls_key, or neither")
+    access_log = reader.flag("server.access_log", value.get("access_log", False))
+    return ServerSettings(host, port, tls_cert, tls_key, access_log)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load without implicit timestamps: ``Version: 2012-10-17`` stays a string."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}

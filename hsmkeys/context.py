@@ -10,13 +10,18 @@ import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hsmkeys.authz.model import Principal
 
 
 @dataclass(frozen=True, slots=True)
 class CallContext:
-    principal: str | None = None  # IAM-style ARN of the authenticated caller
+    principal: Principal | str | None = None  # the caller, or its IAM-style ARN
     request_id: str | None = None
     source: str | None = None  # client address
+    secure_transport: bool = False  # aws:SecureTransport: the request came over TLS
 
 
 # CallContext is a frozen dataclass: the shared default cannot be mutated.

@@ -5,7 +5,8 @@
      ├── AlreadyExistsException            alias (or other name) taken
      ├── DisabledException                 key is disabled
      ├── KMSInvalidStateException          key state forbids the operation
-     ├── InvalidCiphertextException        ciphertext, tag or context mismatch
+     ├── InvalidCiphertextException        ciphertext, tag or context mismatch (also: wrapped key material that does not unwrap)
+     ├── IncorrectKeyMaterialException     imported key material of the wrong length or type
      ├── IncorrectKeyException             ciphertext belongs to another key
      ├── InvalidKeyUsageException          operation or algorithm not allowed for the key
      ├── KMSInvalidSignatureException      signature does not verify
@@ -20,6 +21,7 @@
      │   IncompleteSignatureException, MissingAuthenticationTokenException,
      │   InvalidSignatureException         SigV4 (server only)
      ├── SerializationException, UnknownOperationException (server only)
+     ├── DependencyTimeoutException (503)  the HSM did not answer in time; retry
      └── KMSInternalException (500)        HSM or internal fault; details are logged, not returned
 """
 
@@ -147,6 +149,15 @@ class SerializationException(KMSError):
 
 class UnknownOperationException(KMSError):
     code = "UnknownOperationException"
+
+
+class IncorrectKeyMaterialException(KMSError):
+    code = "IncorrectKeyMaterialException"
+
+
+class DependencyTimeoutException(KMSError):
+    code = "DependencyTimeoutException"
+    http_status = 503
 
 
 class KMSInternalException(KMSError):

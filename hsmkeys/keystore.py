@@ -1,8 +1,19 @@
-"""KeyStore: every AWS KMS operation, the state rules, and nothing about the wire.
+"""KeyStore: the key service object. Every KMS operation, the state rules, no wire.
 
-One public method per KMS operation (``create_key`` for CreateKey, ...), keyword
-arguments named as the KMS request members in snake_case, results as the frozen
-dataclasses of :mod:`hsmkeys.models`, errors as :mod:`hsmkeys.errors`.
+The operations themselves are declared once, in :mod:`hsmkeys.operations` (name,
+implementation, the request members that name keys, the ``kms:`` action, whether it
+changes state), and implemented as plain functions in :mod:`hsmkeys.ops`. Each public
+operation method of the KeyStore (``create_key`` for CreateKey, ...) is the table's
+entry: calling it runs :meth:`KeyStore.invoke`, which authorizes, audits and calls the
+implementation. Nothing can be served around that path.
+
+Keyword arguments are named as the KMS request members in snake_case; results are
+the frozen dataclasses of :mod:`hsmkeys.models`; errors are :mod:`hsmkeys.errors`.
+
+Authorization: a call with a caller (every server call; library code inside
+``call_context``) is decided by :mod:`hsmkeys.authz` against the key policy, the
+caller's identity policy and the key's grants. A call without a caller is trusted, as
+holding the HSM PIN already is.
 
 Crash-safe ordering: HSM object first, then the catalog row (a crash in between
 leaves an orphan object that :meth:`KeyStore.doctor` finds); purge marks the row
@@ -12,104 +23,61 @@ Purging, destroys the objects, then deletes the row.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
-import hashlib
-import json
+import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from hsmkeys import ciphertext, keyspecs
+from hsmkeys import ciphertext, keyspecs, operations
 from hsmkeys.arns import ArnScope, parse_uuid
-from hsmkeys.asymmetric import AsymmetricOperations
 from hsmkeys.audit import AuditEvent, AuditLog
-from hsmkeys.catalog.base import AliasRecord, Catalog, KeyRecord, VersionRecord
+from hsmkeys.authz import access_denied, compile_policy, decide
+from hsmkeys.authz.model import AuthzRequest, ConditionValue, Principal
+from hsmkeys.call import Call
+from hsmkeys.catalog.base import AuditCheckpoint, Catalog, KeyRecord
 from hsmkeys.clock import Clock, SystemClock
 from hsmkeys.config import Settings
 from hsmkeys.context import current_call
 from hsmkeys.errors import (
     AlreadyExistsException,
     DisabledException,
-    DryRunOperationException,
     IncorrectKeyException,
-    InvalidAliasNameException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
-    InvalidMarkerException,
     KMSError,
     KMSInternalException,
     KMSInvalidStateException,
-    LimitExceededException,
-    MalformedPolicyDocumentException,
     NotFoundException,
-    TagException,
     UnsupportedOperationException,
-    ValidationException,
 )
 from hsmkeys.hsm.base import AUDIT_KEY_REF, RESERVED_UUID, Hsm
 from hsmkeys.ivs import IvPool
 from hsmkeys.models import (
-    AliasListEntry,
-    CancelKeyDeletionResult,
-    CreateKeyResult,
-    DataKeySpec,
-    DecryptResult,
-    DescribeKeyResult,
-    EncryptionAlgorithm,
-    EncryptResult,
-    GenerateDataKeyResult,
-    GenerateDataKeyWithoutPlaintextResult,
-    GenerateRandomResult,
-    GetKeyRotationStatusResult,
-    KeyListEntry,
     KeyMetadata,
     KeySpec,
     KeyState,
     KeyUsage,
     KeyVersionRef,
-    ListAliasesResult,
-    ListKeyRotationsResult,
-    ListKeysResult,
-    ListResourceTagsResult,
     MacAlgorithm,
     MaintenanceReport,
-    Origin,
-    ReEncryptResult,
-    RotateKeyOnDemandResult,
-    RotationsListEntry,
     RotationType,
-    ScheduleKeyDeletionResult,
     Tag,
 )
-from hsmkeys.validation import (
-    check_bytes,
-    check_context,
-    check_enum,
-    check_grant_tokens,
-    check_int,
-    check_str,
-)
+from hsmkeys.operations import KeyRole, Operation
+from hsmkeys.ops.grants import check_tokens
+from hsmkeys.validation import check_str
 
-P = ParamSpec("P")
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from hsmkeys.authz.policy import CompiledPolicy
+    from hsmkeys.ops.asymmetric import CachedPublicKey
 
-MAX_PLAINTEXT = 4096
-MAX_CIPHERTEXT = 6144
-MAX_DESCRIPTION = 8192
-MAX_POLICY = 32768
-MAX_TAGS = 50
-MAX_ALIASES_PER_KEY = 50
-MAX_ON_DEMAND_ROTATIONS = 25
-ROTATION_PERIOD_DAYS = (90, 2560)
-DEFAULT_ROTATION_PERIOD_DAYS = 365
-DELETION_WINDOW_DAYS = (7, 30)
-# KMS's OriginType values hsmkeys does not implement: valid parameters, unsupported operations.
-_KMS_ONLY_ORIGINS = frozenset({"EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"})
-ALIAS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-")
+log = logging.getLogger("hsmkeys.keystore")
+
+_POLICY_CACHE_MAX = 4096
+_REJECTION_WINDOW_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,72 +103,14 @@ class StoreStatus:
     keys: int
 
 
-@dataclass(slots=True)
-class _CallRecord:
-    """What the current call touched, for its audit line."""
-
-    key_arn: str | None = None
-    key_version: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_current_record: contextvars.ContextVar[_CallRecord | None] = contextvars.ContextVar(
-    "hsmkeys_call_record", default=None
-)
-
-
-def _operation(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Mark a KeyStore method as the KMS operation ``name``: audited once per outermost call."""
-
-    def wrap(method: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(method)
-        def audited(*args: P.args, **kwargs: P.kwargs) -> R:
-            store = args[0]
-            assert isinstance(store, KeyStore)
-            if store._audit is None or _current_record.get() is not None:
-                return method(*args, **kwargs)
-            record = _CallRecord()
-            token = _current_record.set(record)
-            outcome = "Success"
-            try:
-                return method(*args, **kwargs)
-            except KMSError as exc:
-                outcome = exc.code
-                raise
-            except Exception:
-                outcome = KMSInternalException.code
-                raise
-            finally:
-                _current_record.reset(token)
-                store._write_audit(name, outcome, record)
-
-        audited.kms_operation = name  # type: ignore[attr-defined]
-        return audited
-
-    return wrap
-
-
 def default_key_policy(account_id: str) -> str:
     """AWS KMS's default key policy: the account (its root principal) may do everything."""
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Id": "key-default-1",
-            "Statement": [
-                {
-                    "Sid": "Enable IAM User Permissions",
-                    "Effect": "Allow",
-                    "Principal": {"AWS": f"arn:aws:iam::{account_id}:root"},
-                    "Action": "kms:*",
-                    "Resource": "*",
-                }
-            ],
-        },
-        indent=2,
-    )
+    from hsmkeys.authz import default_key_policy as _default
+
+    return _default(account_id)
 
 
-class KeyStore(AsymmetricOperations):
+class KeyStore:
     """The key service. ``KeyStore.open(config)`` for real use; inject parts for tests."""
 
     def __init__(
@@ -212,6 +122,7 @@ class KeyStore(AsymmetricOperations):
         region: str = "us-east-1",
         account_id: str = "111122223333",
         audit: AuditLog | None = None,
+        principals: Mapping[str, Principal] | None = None,
     ) -> None:
         self._hsm = hsm
         self._ivs = IvPool(hsm.random)
@@ -219,10 +130,24 @@ class KeyStore(AsymmetricOperations):
         self._clock = clock or SystemClock()
         self._scope = ArnScope(region, account_id)
         self._audit = audit
+        self._principals: dict[str, Principal] = dict(principals or {})
+        self._policies: dict[str, tuple[CompiledPolicy, bool]] = {}
+        self._public_keys: dict[KeyVersionRef, CachedPublicKey] = {}
+        self._rejections: dict[str | None, tuple[float, int, str, str]] = {}
 
     @classmethod
-    def open(cls, settings: Settings | str | Path | None = None, *, clock: Clock | None = None) -> KeyStore:
-        """Open the HSM token and catalog a config file (or Settings) names."""
+    def open(
+        cls,
+        settings: Settings | str | Path | None = None,
+        *,
+        clock: Clock | None = None,
+        audit: bool = True,
+    ) -> KeyStore:
+        """Open the HSM token and catalog a config file (or Settings) names.
+
+        ``audit=False`` opens without the audit writer (for ``audit verify``, which must
+        change nothing).
+        """
         from hsmkeys.catalog.sqlite import SqliteCatalog
         from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
 
@@ -239,12 +164,14 @@ class KeyStore(AsymmetricOperations):
             clock=clock,
             region=settings.region,
             account_id=settings.account_id,
+            principals=principals_from_settings(settings),
         )
-        if settings.audit_log is not None:
-            store._audit = AuditLog(settings.audit_log, mac=store.audit_mac)
+        if audit and settings.audit_log is not None:
+            store._audit = AuditLog(settings.audit_log, mac=store.audit_mac, checkpoints=catalog)
         return store
 
     def close(self) -> None:
+        self.flush_rejections()
         if self._audit is not None:
             self._audit.close()
         self._catalog.close()
@@ -256,6 +183,302 @@ class KeyStore(AsymmetricOperations):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def region(self) -> str:
+        return self._scope.region
+
+    @property
+    def account_id(self) -> str:
+        return self._scope.account_id
+
+    # ================================================================ the call path
+
+    def invoke(
+        self,
+        op: Operation[Any, Any],
+        /,
+        args: Mapping[str, Any],
+        *,
+        principal: Principal | str | None = None,
+        request_id: str | None = None,
+        source: str | None = None,
+        secure_transport: bool = False,
+    ) -> Any:
+        """Run one operation: authorize, audit (intent before any effect), call it.
+
+        ``principal`` None (and no :func:`hsmkeys.context.call_context` around the call)
+        is a trusted in-process caller. A string is looked up among the configured
+        principals (an unknown ARN gets no identity policy).
+        """
+        if principal is None and request_id is None:
+            ctx = current_call()
+            principal, request_id, source = ctx.principal, ctx.request_id, ctx.source
+            secure_transport = ctx.secure_transport
+        if isinstance(principal, str):
+            principal = self.principal(principal)
+        call = Call(
+            op,
+            args,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            secure_transport=secure_transport,
+        )
+        audit = self._audit
+        if audit is not None and op.mutating:
+            self._write_audit(call, "intent", "Pending")  # fails closed: nothing changed yet
+        outcome = "Success"
+        try:
+            if "grant_tokens" in args:
+                check_tokens(args["grant_tokens"])
+            if not op.keys:
+                self._authorize(call, None, op.keyless_role)
+            result = op.impl(self, call, **args)
+            if not call.authorized:  # an implementation that never asked: a bug, fail closed
+                log.error("event=unauthorized_operation operation=%s", op.name)
+                raise KMSInternalException("internal error")
+            return result
+        except KMSError as exc:
+            outcome = exc.code
+            raise
+        except Exception:
+            outcome = KMSInternalException.code
+            raise
+        finally:
+            if audit is not None:
+                try:
+                    self._write_audit(call, "done", outcome)
+                except KMSInternalException:
+                    # A state change already has its intent line; a read must not be
+                    # answered unaudited (fail closed).
+                    if not op.mutating and outcome == "Success":
+                        raise
+                    log.error("event=audit_outcome_failed operation=%s", op.name)
+
+    def principal(self, arn: str) -> Principal:
+        """The configured principal with that ARN (its identity policy), else a bare one."""
+        found = self._principals.get(arn)
+        if found is None:
+            found = Principal(arn)
+        return found
+
+    def _write_audit(self, call: Call, phase: str, outcome: str) -> None:
+        assert self._audit is not None
+        principal = call.principal
+        self._audit.record(
+            AuditEvent(
+                time=self._now(),
+                request_id=call.request_id or str(uuid.uuid4()),
+                principal=principal.arn if principal is not None else None,
+                operation=call.op.name,
+                phase=phase,
+                key_arns=tuple(call.key_arns),
+                key_version=call.key_version,
+                outcome=outcome,
+                decision=call.decision,
+                source=call.source,
+            )
+        )
+
+    def audit_rejected(
+        self,
+        operation: str,
+        outcome: str,
+        *,
+        principal: str | None = None,
+        request_id: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Audit a request the server refused before it reached an operation.
+
+        An authenticated caller's refusal gets its own line. Unauthenticated refusals
+        are counted per source address and summarised in at most one line per source
+        per second (with the count), so they can flood neither the log nor the HSM.
+        """
+        if self._audit is None:
+            return
+        if principal is not None:
+            self._audit.record(
+                AuditEvent(
+                    time=self._now(),
+                    request_id=request_id or str(uuid.uuid4()),
+                    principal=principal,
+                    operation=operation,
+                    outcome=outcome,
+                    source=source,
+                )
+            )
+            return
+        now = self._now().timestamp()
+        window = self._rejections.get(source)
+        if window is not None and now - window[0] < _REJECTION_WINDOW_SECONDS:
+            self._rejections[source] = (window[0], window[1] + 1, window[2], window[3])
+            return
+        if window is not None:
+            self._write_rejection_summary(source, window)
+        self._rejections[source] = (now, 1, operation, outcome)
+
+    def flush_rejections(self, *, older_than: float = 0.0) -> None:
+        """Write the pending summaries of unauthenticated refusals (all, or closed windows)."""
+        if self._audit is None:
+            self._rejections.clear()
+            return
+        now = self._now().timestamp()
+        for source, window in list(self._rejections.items()):
+            if now - window[0] >= older_than:
+                del self._rejections[source]
+                self._write_rejection_summary(source, window)
+
+    def _write_rejection_summary(self, source: str | None, window: tuple[float, int, str, str]) -> None:
+        assert self._audit is not None
+        _, count, operation, outcome = window
+        self._audit.record(
+            AuditEvent(
+                time=self._now(),
+                request_id=str(uuid.uuid4()),
+                principal=None,
+                operation=operation,
+                outcome=outcome,
+                source=source,
+                count=count,
+            )
+        )
+
+    def audit_mac(self, data: bytes, *, create: bool = True) -> bytes:
+        """HMAC-SHA256 with the HSM's audit key, never extractable.
+
+        With ``create`` (the writer) the key is made on first use; without it (verify)
+        a missing key raises NotFoundException and nothing is created.
+        """
+        try:
+            return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
+        except NotFoundException:
+            if not create:
+                raise
+            with contextlib.suppress(AlreadyExistsException):  # another process created it first
+                self._hsm.create_key(AUDIT_KEY_REF, KeySpec.HMAC_256, KeyUsage.GENERATE_VERIFY_MAC)
+                log.info("event=audit_key_created label=%s", AUDIT_KEY_REF.label)
+            return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
+
+    def catalog_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
+        """The newest audit checkpoint the catalog holds for a log (its resolved path)."""
+        return self._catalog.get_audit_checkpoint(log_id)
+
+    # ================================================================ authorization
+
+    def _compiled_policy(self, text: str) -> tuple[CompiledPolicy, bool]:
+        """(compiled key policy, whether it reads kms:ResourceAliases), once per revision."""
+        found = self._policies.get(text)
+        if found is None:
+            if len(self._policies) >= _POLICY_CACHE_MAX:
+                self._policies.clear()
+            found = (compile_policy(text, kind="key"), "resourcealiases" in text.lower())
+            self._policies[text] = found
+        return found
+
+    def _base_conditions(self, call: Call, principal: Principal) -> dict[str, ConditionValue]:
+        """The request's own condition keys; the evaluator derives the principal's
+        (aws:PrincipalArn, kms:CallerAccount, aws:username, ...) from the Principal."""
+        now = self._now()
+        cond: dict[str, ConditionValue] = {
+            "aws:CurrentTime": now,
+            "aws:EpochTime": int(now.timestamp()),
+            "aws:SecureTransport": call.secure_transport,
+        }
+        if call.source is not None:
+            cond["aws:SourceIp"] = call.source
+        for member, name in call.op.conditions:
+            value = call.args.get(member)
+            if value is None:
+                continue
+            if isinstance(value, bool | int | str):
+                cond[name] = value
+            elif isinstance(value, Mapping):
+                cond[name] = tuple(str(k) for k in value)
+            elif isinstance(value, list | tuple):
+                cond[name] = tuple(_condition_text(v) for v in value)
+                for tag in value:
+                    if isinstance(tag, Tag):
+                        cond["aws:RequestTag/" + tag.tag_key] = tag.tag_value
+        return cond
+
+    def _authorize(
+        self,
+        call: Call,
+        key: KeyRecord | None,
+        role: KeyRole,
+        *,
+        request_alias: str | None = None,
+        resource: str | None = None,
+        extra: Mapping[str, ConditionValue] | None = None,
+    ) -> None:
+        """Decide ``role.action`` for the call's principal on ``key`` (or ``*``); raise if denied."""
+        principal = call.principal
+        if principal is None:
+            return
+        cond = self._base_conditions(call, principal)
+        context: Mapping[str, str] | None = None
+        if role.context_member is not None:
+            raw = call.args.get(role.context_member)
+            if isinstance(raw, Mapping) and raw:
+                context = raw
+                for k, v in raw.items():
+                    cond["kms:EncryptionContext:" + k] = v
+                cond["kms:EncryptionContextKeys"] = tuple(raw)
+        compiled = None
+        if key is not None:
+            cond["kms:KeySpec"] = key.spec.value
+            cond["kms:KeyUsage"] = key.usage.value
+            cond["kms:KeyOrigin"] = key.origin.value
+            if request_alias is not None:
+                cond["kms:RequestAlias"] = request_alias
+            policy_text = key.policy or default_key_policy(self._scope.account_id)
+            compiled, wants_aliases = self._compiled_policy(policy_text)
+            if wants_aliases:
+                cond["kms:ResourceAliases"] = tuple(
+                    a.name for a in self._catalog.list_aliases(limit=1000, key_uuid=key.key_uuid)
+                )
+        if extra:
+            cond.update(extra)
+        arn = self._arn(key.key_uuid) if key is not None else "*"
+        request = AuthzRequest(
+            principal=principal,
+            action=role.action,
+            resource=resource or arn,
+            key_account=self._scope.account_id if key is not None else None,
+            context=cond,
+            grant_operation=role.grant_operation,
+            encryption_context=context,
+        )
+        grants: tuple[Any, ...] = ()
+        if key is not None and role.grant_operation is not None:
+            grants = self._catalog.grants_for_key(key.key_uuid)  # decide() matches grantees (and roles)
+        decision = decide(request, key_policy=compiled, grants=grants)
+        call.decisions.append(("allow " if decision.allowed else "deny ") + decision.by)
+        if not decision.allowed:
+            raise access_denied(request, decision)
+        call.authorized = True
+
+    def _key(
+        self, call: Call, key_id: object, role: int | KeyRole = 0, *, alias_ok: bool = True
+    ) -> KeyRecord:
+        """Resolve a key named in the request and authorize the call's role on it.
+
+        ``alias_ok`` False: KMS lets only a key id or key ARN name the key there
+        (NotFoundException for an alias).
+        """
+        text = check_str("keyId", key_id, min_len=1, max_len=2048)
+        is_alias = text.startswith("alias/") or ":alias/" in text
+        if is_alias and not alias_ok:
+            raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
+        key = self._lookup(text)
+        chosen = call.op.keys[role] if isinstance(role, int) else role
+        alias = None
+        if is_alias:
+            alias = text if text.startswith("alias/") else text.split(":", 5)[-1]
+        self._authorize(call, key, chosen, request_alias=alias)
+        return key
+
     # ================================================================ internals
 
     def _arn(self, key_uuid: uuid.UUID) -> str:
@@ -263,42 +486,6 @@ class KeyStore(AsymmetricOperations):
 
     def _now(self) -> datetime:
         return self._clock.now()
-
-    def _used(self, key: KeyRecord, version: int) -> None:
-        record = _current_record.get()
-        if record is not None:
-            record.key_arn = self._arn(key.key_uuid)
-            record.key_version = version
-
-    def _write_audit(self, operation: str, outcome: str, record: _CallRecord) -> None:
-        assert self._audit is not None
-        ctx = current_call()
-        self._audit.record(
-            AuditEvent(
-                time=self._now(),
-                request_id=ctx.request_id or str(uuid.uuid4()),
-                principal=ctx.principal,
-                operation=operation,
-                key_arn=record.key_arn,
-                key_version=record.key_version,
-                outcome=outcome,
-                source=ctx.source,
-            )
-        )
-
-    def audit_rejected(self, operation: str, outcome: str) -> None:
-        """Audit a request the server refused before it reached an operation."""
-        if self._audit is not None:
-            self._write_audit(operation, outcome, _CallRecord())
-
-    def audit_mac(self, data: bytes) -> bytes:
-        """HMAC-SHA256 with the HSM's audit key (created on first use, never extractable)."""
-        try:
-            return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
-        except NotFoundException:
-            with contextlib.suppress(AlreadyExistsException):  # another process created it first
-                self._hsm.create_key(AUDIT_KEY_REF, KeySpec.HMAC_256, KeyUsage.GENERATE_VERIFY_MAC)
-            return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
 
     def _lookup(self, key_id: object) -> KeyRecord:
         """Resolve a key id, key ARN, alias name or alias ARN to its record (any state)."""
@@ -325,24 +512,14 @@ class KeyStore(AsymmetricOperations):
             raise NotFoundException(f"Key '{self._arn(key_uuid)}' does not exist")
         return key
 
-    def _lookup_key_not_alias(self, key_id: object) -> KeyRecord:
-        """For operations that KMS lets name a key only by key id or key ARN."""
-        text = check_str("keyId", key_id, min_len=1, max_len=2048)
-        if text.startswith("alias/") or ":alias/" in text:
-            raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
-        return self._lookup(text)
-
-    def _usable(self, key_id: str) -> KeyRecord:
-        key = self._lookup(key_id)
-        self._require_enabled(key)
-        return key
-
     def _require_enabled(self, key: KeyRecord) -> None:
         if key.state is KeyState.ENABLED:
             return
         arn = self._arn(key.key_uuid)
         if key.state is KeyState.DISABLED:
             raise DisabledException(f"{arn} is disabled.")
+        if key.state is KeyState.PENDING_IMPORT:
+            raise KMSInvalidStateException(f"{arn} is pending import.")
         raise KMSInvalidStateException(f"{arn} is pending deletion.")
 
     def _require_not_pending_deletion(self, key: KeyRecord) -> None:
@@ -384,7 +561,7 @@ class KeyStore(AsymmetricOperations):
             current_version=key.current_version,
         )
 
-    def _seal(self, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+    def _seal(self, call: Call, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         """Encrypt under the key's current version into a blob."""
         version = key.current_version
         iv = self._ivs.take()
@@ -392,13 +569,24 @@ class KeyStore(AsymmetricOperations):
         body = self._hsm.encrypt_aes_gcm(
             KeyVersionRef(key.key_uuid, version), iv, header + ciphertext.canonical_context(context), plaintext
         )
-        self._used(key, version)
+        call.used(self._arn(key.key_uuid), version)
         return header + body
 
     def _open(
-        self, blob_bytes: bytes, context: Mapping[str, str], expected: KeyRecord | None
+        self,
+        call: Call,
+        blob_bytes: bytes,
+        context: Mapping[str, str],
+        expected: KeyRecord | None,
+        role: int = 0,
+        *,
+        dry_run: bool = False,
     ) -> tuple[KeyRecord, int, bytes]:
-        """Decrypt a symmetric blob: (key, version, plaintext)."""
+        """Decrypt a symmetric blob: (key, version, plaintext).
+
+        The key named by the blob is authorized for the call's ``role`` before any
+        material is touched; ``dry_run`` stops after every check, before the HSM.
+        """
         blob = ciphertext.unpack(blob_bytes)
         key = expected if expected is not None else self._catalog.get_key(blob.key_uuid)
         if expected is not None and blob.key_uuid != expected.key_uuid:
@@ -412,7 +600,13 @@ class KeyStore(AsymmetricOperations):
             or blob.version > key.current_version
         ):
             raise InvalidCiphertextException(ciphertext.INVALID_CIPHERTEXT)
+        if expected is None:
+            self._authorize(call, key, call.op.keys[role])
         self._require_enabled(key)
+        if dry_run:
+            from hsmkeys.ops.common import dry_run_error
+
+            raise dry_run_error(call.op.name)
         ref = KeyVersionRef(key.key_uuid, blob.version)
         try:
             plaintext = self._hsm.decrypt_aes_gcm(
@@ -420,549 +614,22 @@ class KeyStore(AsymmetricOperations):
             )
         except NotFoundException:
             raise KMSInternalException(f"key material of {ref.label} is missing from the HSM") from None
-        self._used(key, blob.version)
+        call.used(self._arn(key.key_uuid), blob.version)
         return key, blob.version, plaintext
-
-    @staticmethod
-    def _dry_run(dry_run: bool) -> None:
-        if dry_run:
-            raise DryRunOperationException("The request would have succeeded, but the DryRun option is set.")
-
-    # ================================================================ keys
-
-    @_operation("CreateKey")
-    def create_key(
-        self,
-        *,
-        policy: str | None = None,
-        description: str = "",
-        key_usage: str | KeyUsage | None = None,
-        customer_master_key_spec: str | KeySpec | None = None,
-        key_spec: str | KeySpec | None = None,
-        origin: str | Origin | None = None,
-        custom_key_store_id: str | None = None,
-        bypass_policy_lockout_safety_check: bool = False,
-        tags: Sequence[Tag | Mapping[str, str]] | None = None,
-        multi_region: bool = False,
-        xks_key_id: str | None = None,
-    ) -> CreateKeyResult:
-        check_str("description", description, min_len=0, max_len=MAX_DESCRIPTION)
-        if key_spec is not None and customer_master_key_spec is not None and key_spec != customer_master_key_spec:
-            raise ValidationException("You cannot specify KeySpec and CustomerMasterKeySpec in the same request.")
-        spec = check_enum(KeySpec, "keySpec", key_spec or customer_master_key_spec or KeySpec.SYMMETRIC_DEFAULT)
-        usage = check_enum(KeyUsage, "keyUsage", key_usage or KeyUsage.ENCRYPT_DECRYPT)
-        if usage not in keyspecs.ALLOWED_USAGES[spec]:
-            raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-        if origin is not None and (origin in _KMS_ONLY_ORIGINS or check_enum(Origin, "origin", origin) is not Origin.AWS_KMS):
-            raise UnsupportedOperationException(f"Origin {origin} is not supported")
-        if custom_key_store_id or xks_key_id:
-            raise UnsupportedOperationException("Custom key stores are not supported")
-        if multi_region:
-            raise UnsupportedOperationException("Multi-Region keys are not supported")
-        policy_doc = self._check_policy(policy) if policy is not None else default_key_policy(self._scope.account_id)
-        tag_map = _tag_map(tags)
-        now = self._now()
-        key = KeyRecord(
-            key_uuid=uuid.uuid4(),
-            spec=spec,
-            usage=usage,
-            origin=Origin.AWS_KMS,
-            state=KeyState.ENABLED,
-            description=description,
-            created_at=now,
-            current_version=1,
-            policy=policy_doc,
-        )
-        first = VersionRecord(key.key_uuid, 1, now)
-        self._hsm.create_key(first.ref, spec, usage)  # HSM first: a crash leaves an orphan, never a dangling row
-        with self._catalog.transaction():
-            self._catalog.insert_key(key, first)
-            if tag_map:
-                self._catalog.put_tags(key.key_uuid, tag_map)
-        self._used(key, 1)
-        return CreateKeyResult(self._metadata(key))
-
-    @staticmethod
-    def _check_policy(policy: object) -> str:
-        text = check_str("policy", policy, min_len=1, max_len=MAX_POLICY)
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise MalformedPolicyDocumentException("The policy is not valid JSON.") from None
-        if not isinstance(doc, dict) or "Statement" not in doc:
-            raise MalformedPolicyDocumentException("The policy must be a JSON object with a Statement.")
-        return text
-
-    @_operation("DescribeKey")
-    def describe_key(self, *, key_id: str, grant_tokens: Sequence[str] | None = None) -> DescribeKeyResult:
-        check_grant_tokens(grant_tokens)
-        key = self._lookup(key_id)
-        self._used(key, key.current_version)
-        return DescribeKeyResult(self._metadata(key))
-
-    @_operation("ListKeys")
-    def list_keys(self, *, limit: int | None = None, marker: str | None = None) -> ListKeysResult:
-        size = _page_limit(limit)
-        after = _uuid_marker(marker)
-        rows = self._catalog.list_keys(limit=size + 1, after=after)
-        rows = [r for r in rows if r.state is not KeyState.PURGING]
-        page, truncated = rows[:size], len(rows) > size
-        entries = tuple(KeyListEntry(str(r.key_uuid), self._arn(r.key_uuid)) for r in page)
-        return ListKeysResult(entries, truncated, str(page[-1].key_uuid) if truncated else None)
-
-    @_operation("UpdateKeyDescription")
-    def update_key_description(self, *, key_id: str, description: str) -> None:
-        check_str("description", description, min_len=0, max_len=MAX_DESCRIPTION)
-        with self._catalog.transaction():
-            key = self._lookup(key_id)
-            self._require_not_pending_deletion(key)
-            self._catalog.update_key(replace(key, description=description))
-        self._used(key, key.current_version)
-
-    @_operation("EnableKey")
-    def enable_key(self, *, key_id: str) -> None:
-        self._set_enabled(key_id, True)
-
-    @_operation("DisableKey")
-    def disable_key(self, *, key_id: str) -> None:
-        self._set_enabled(key_id, False)
-
-    def _set_enabled(self, key_id: str, enabled: bool) -> None:
-        with self._catalog.transaction():
-            key = self._lookup(key_id)
-            self._require_not_pending_deletion(key)
-            state = KeyState.ENABLED if enabled else KeyState.DISABLED
-            if key.state is not state:
-                self._catalog.update_key(replace(key, state=state))
-        self._used(key, key.current_version)
-
-    # ================================================================ aliases
-
-    def _check_alias_name(self, alias_name: object) -> str:
-        name = check_str("aliasName", alias_name, min_len=1, max_len=256)
-        if not name.startswith("alias/") or len(name) == 6 or not set(name) <= ALIAS_CHARS:
-            raise ValidationException(
-                "1 validation error detected: Value at 'aliasName' failed to satisfy constraint: "
-                "Member must satisfy regular expression pattern: ^alias/[a-zA-Z0-9/_-]+$"
-            )
-        if name.startswith("alias/aws/"):
-            raise InvalidAliasNameException("Alias names starting with alias/aws/ are reserved.")
-        return name
-
-    def _alias_target(self, target_key_id: object) -> KeyRecord:
-        key = self._lookup_key_not_alias(target_key_id)
-        self._require_not_pending_deletion(key)
-        return key
-
-    @_operation("CreateAlias")
-    def create_alias(self, *, alias_name: str, target_key_id: str) -> None:
-        name = self._check_alias_name(alias_name)
-        now = self._now()
-        with self._catalog.transaction():
-            key = self._alias_target(target_key_id)
-            if self._catalog.count_aliases(key.key_uuid) >= MAX_ALIASES_PER_KEY:
-                raise LimitExceededException(f"A key may have at most {MAX_ALIASES_PER_KEY} aliases.")
-            if self._catalog.get_alias(name) is not None:
-                raise AlreadyExistsException(f"An alias with the name {self._scope.alias_arn(name)} already exists")
-            self._catalog.insert_alias(AliasRecord(name, key.key_uuid, now, now))
-        self._used(key, key.current_version)
-
-    @_operation("UpdateAlias")
-    def update_alias(self, *, alias_name: str, target_key_id: str) -> None:
-        name = self._check_alias_name(alias_name)
-        with self._catalog.transaction():
-            alias = self._catalog.get_alias(name)
-            if alias is None:
-                raise NotFoundException(f"Alias {self._scope.alias_arn(name)} is not found.")
-            key = self._alias_target(target_key_id)
-            current = self._catalog.get_key(alias.key_uuid)
-            if current is not None and (current.usage is not key.usage or _key_type(current) != _key_type(key)):
-                raise ValidationException(
-                    "The new target key must have the same key type and key usage as the current one."
-                )
-            self._catalog.update_alias(replace(alias, key_uuid=key.key_uuid, updated_at=self._now()))
-        self._used(key, key.current_version)
-
-    @_operation("DeleteAlias")
-    def delete_alias(self, *, alias_name: str) -> None:
-        name = self._check_alias_name(alias_name)
-        with self._catalog.transaction():
-            if self._catalog.get_alias(name) is None:
-                raise NotFoundException(f"Alias {self._scope.alias_arn(name)} is not found.")
-            self._catalog.delete_alias(name)
-
-    @_operation("ListAliases")
-    def list_aliases(
-        self, *, key_id: str | None = None, limit: int | None = None, marker: str | None = None
-    ) -> ListAliasesResult:
-        size = _page_limit(limit)
-        if marker is not None:
-            check_str("marker", marker, min_len=1, max_len=320)
-            if not marker.startswith("alias/"):
-                raise InvalidMarkerException("The marker is not valid.")
-        key_uuid = self._lookup_key_not_alias(key_id).key_uuid if key_id is not None else None
-        rows = self._catalog.list_aliases(limit=size + 1, after=marker, key_uuid=key_uuid)
-        page, truncated = rows[:size], len(rows) > size
-        entries = tuple(
-            AliasListEntry(
-                alias_name=a.name,
-                alias_arn=self._scope.alias_arn(a.name),
-                target_key_id=str(a.key_uuid),
-                creation_date=a.created_at,
-                last_updated_date=a.updated_at,
-            )
-            for a in page
-        )
-        return ListAliasesResult(entries, truncated, page[-1].name if truncated else None)
-
-    # ================================================================ tags
-
-    @_operation("TagResource")
-    def tag_resource(self, *, key_id: str, tags: Sequence[Tag | Mapping[str, str]]) -> None:
-        tag_map = _tag_map(tags)
-        with self._catalog.transaction():
-            key = self._lookup_key_not_alias(key_id)
-            self._require_not_pending_deletion(key)
-            merged = self._catalog.get_tags(key.key_uuid) | tag_map
-            if len(merged) > MAX_TAGS:
-                raise TagException(f"A key may have at most {MAX_TAGS} tags.")
-            self._catalog.put_tags(key.key_uuid, tag_map)
-        self._used(key, key.current_version)
-
-    @_operation("UntagResource")
-    def untag_resource(self, *, key_id: str, tag_keys: Sequence[str]) -> None:
-        if isinstance(tag_keys, str) or not isinstance(tag_keys, Sequence):
-            raise ValidationException("tagKeys must be a list of strings")
-        for tag_key in tag_keys:
-            check_str("tagKeys", tag_key, min_len=1, max_len=128)
-        with self._catalog.transaction():
-            key = self._lookup_key_not_alias(key_id)
-            self._require_not_pending_deletion(key)
-            self._catalog.delete_tags(key.key_uuid, tag_keys)
-        self._used(key, key.current_version)
-
-    @_operation("ListResourceTags")
-    def list_resource_tags(
-        self, *, key_id: str, limit: int | None = None, marker: str | None = None
-    ) -> ListResourceTagsResult:
-        size = check_int("limit", limit, low=1, high=50) if limit is not None else 50
-        key = self._lookup_key_not_alias(key_id)
-        items = sorted(self._catalog.get_tags(key.key_uuid).items())
-        if marker is not None:
-            check_str("marker", marker, min_len=1, max_len=1024)
-            items = [kv for kv in items if kv[0] > marker]
-        page, truncated = items[:size], len(items) > size
-        return ListResourceTagsResult(
-            tuple(Tag(k, v) for k, v in page), truncated, page[-1][0] if truncated else None
-        )
-
-    # ================================================================ symmetric crypto
-
-    @_operation("Encrypt")
-    def encrypt(
-        self,
-        *,
-        key_id: str,
-        plaintext: bytes,
-        encryption_context: Mapping[str, str] | None = None,
-        grant_tokens: Sequence[str] | None = None,
-        encryption_algorithm: str | EncryptionAlgorithm | None = None,
-        dry_run: bool = False,
-    ) -> EncryptResult:
-        data = check_bytes("plaintext", plaintext, min_len=1, max_len=MAX_PLAINTEXT)
-        context = check_context("encryptionContext", encryption_context)
-        check_grant_tokens(grant_tokens)
-        key = self._usable(key_id)
-        self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
-        if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-            return self._encrypt_rsa(key, data, encryption_algorithm, encryption_context, dry_run=dry_run)
-        _require_symmetric_algorithm(encryption_algorithm)
-        self._dry_run(dry_run)
-        blob = self._seal(key, data, context)
-        return EncryptResult(blob, self._arn(key.key_uuid), EncryptionAlgorithm.SYMMETRIC_DEFAULT)
-
-    @_operation("Decrypt")
-    def decrypt(
-        self,
-        *,
-        ciphertext_blob: bytes,
-        encryption_context: Mapping[str, str] | None = None,
-        grant_tokens: Sequence[str] | None = None,
-        key_id: str | None = None,
-        encryption_algorithm: str | EncryptionAlgorithm | None = None,
-        dry_run: bool = False,
-    ) -> DecryptResult:
-        """Decrypt a blob from encrypt/generate_data_key. Any tampering: InvalidCiphertextException."""
-        data = check_bytes("ciphertextBlob", ciphertext_blob, min_len=1, max_len=MAX_CIPHERTEXT)
-        context = check_context("encryptionContext", encryption_context)
-        check_grant_tokens(grant_tokens)
-        expected = self._usable(key_id) if key_id is not None else None
-        if expected is not None:
-            self._require_usage(expected, KeyUsage.ENCRYPT_DECRYPT)
-            if expected.spec is not KeySpec.SYMMETRIC_DEFAULT:
-                return self._decrypt_rsa(expected, data, encryption_algorithm, encryption_context, dry_run=dry_run)
-        _require_symmetric_algorithm(encryption_algorithm)
-        key, version, plaintext = self._open(data, context, expected)
-        self._dry_run(dry_run)
-        return DecryptResult(
-            self._arn(key.key_uuid), plaintext, EncryptionAlgorithm.SYMMETRIC_DEFAULT, key_version=version
-        )
-
-    @_operation("ReEncrypt")
-    def re_encrypt(
-        self,
-        *,
-        ciphertext_blob: bytes,
-        destination_key_id: str,
-        source_encryption_context: Mapping[str, str] | None = None,
-        source_key_id: str | None = None,
-        destination_encryption_context: Mapping[str, str] | None = None,
-        source_encryption_algorithm: str | EncryptionAlgorithm | None = None,
-        destination_encryption_algorithm: str | EncryptionAlgorithm | None = None,
-        grant_tokens: Sequence[str] | None = None,
-        dry_run: bool = False,
-    ) -> ReEncryptResult:
-        """Decrypt and encrypt again in one call; the plaintext never leaves the KeyStore."""
-        check_str("destinationKeyId", destination_key_id, min_len=1, max_len=2048)
-        source = self.decrypt(
-            ciphertext_blob=ciphertext_blob,
-            encryption_context=source_encryption_context,
-            grant_tokens=grant_tokens,
-            key_id=source_key_id,
-            encryption_algorithm=source_encryption_algorithm,
-        )
-        target = self.encrypt(
-            key_id=destination_key_id,
-            plaintext=source.plaintext,
-            encryption_context=destination_encryption_context,
-            grant_tokens=grant_tokens,
-            encryption_algorithm=destination_encryption_algorithm,
-            dry_run=dry_run,
-        )
-        return ReEncryptResult(
-            ciphertext_blob=target.ciphertext_blob,
-            source_key_id=source.key_id,
-            key_id=target.key_id,
-            source_encryption_algorithm=source.encryption_algorithm,
-            destination_encryption_algorithm=target.encryption_algorithm,
-        )
-
-    def _data_key(
-        self,
-        key_id: str,
-        key_spec: str | DataKeySpec | None,
-        number_of_bytes: int | None,
-        encryption_context: Mapping[str, str] | None,
-        grant_tokens: Sequence[str] | None,
-        dry_run: bool,
-    ) -> tuple[bytes, bytes, str]:
-        if (key_spec is None) == (number_of_bytes is None):
-            raise ValidationException("Specify either KeySpec or NumberOfBytes, but not both.")
-        if key_spec is not None:
-            size = 16 if check_enum(DataKeySpec, "keySpec", key_spec) is DataKeySpec.AES_128 else 32
-        else:
-            size = check_int("numberOfBytes", number_of_bytes, low=1, high=1024)
-        context = check_context("encryptionContext", encryption_context)
-        check_grant_tokens(grant_tokens)
-        key = self._usable(key_id)
-        self._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
-        if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-            raise InvalidKeyUsageException(
-                f"{self._arn(key.key_uuid)} is not a symmetric encryption key; data keys need one."
-            )
-        self._dry_run(dry_run)
-        data_key = self._hsm.random(size)
-        return data_key, self._seal(key, data_key, context), self._arn(key.key_uuid)
-
-    @_operation("GenerateDataKey")
-    def generate_data_key(
-        self,
-        *,
-        key_id: str,
-        encryption_context: Mapping[str, str] | None = None,
-        number_of_bytes: int | None = None,
-        key_spec: str | DataKeySpec | None = None,
-        grant_tokens: Sequence[str] | None = None,
-        dry_run: bool = False,
-    ) -> GenerateDataKeyResult:
-        """A fresh data key from the HSM RNG, returned in plaintext once and encrypted under the key."""
-        plain, blob, arn = self._data_key(
-            key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run
-        )
-        return GenerateDataKeyResult(blob, plain, arn)
-
-    @_operation("GenerateDataKeyWithoutPlaintext")
-    def generate_data_key_without_plaintext(
-        self,
-        *,
-        key_id: str,
-        encryption_context: Mapping[str, str] | None = None,
-        key_spec: str | DataKeySpec | None = None,
-        number_of_bytes: int | None = None,
-        grant_tokens: Sequence[str] | None = None,
-        dry_run: bool = False,
-    ) -> GenerateDataKeyWithoutPlaintextResult:
-        _, blob, arn = self._data_key(key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run)
-        return GenerateDataKeyWithoutPlaintextResult(blob, arn)
-
-    @_operation("GenerateRandom")
-    def generate_random(
-        self, *, number_of_bytes: int | None = None, custom_key_store_id: str | None = None
-    ) -> GenerateRandomResult:
-        if number_of_bytes is None:
-            raise ValidationException("NumberOfBytes is required.")
-        size = check_int("numberOfBytes", number_of_bytes, low=1, high=1024)
-        if custom_key_store_id is not None:
-            raise UnsupportedOperationException("Custom key stores are not supported")
-        return GenerateRandomResult(self._hsm.random(size))
-
-    # ================================================================ rotation
-
-    @_operation("EnableKeyRotation")
-    def enable_key_rotation(self, *, key_id: str, rotation_period_in_days: int | None = None) -> None:
-        period = DEFAULT_ROTATION_PERIOD_DAYS
-        if rotation_period_in_days is not None:
-            period = check_int("rotationPeriodInDays", rotation_period_in_days, low=ROTATION_PERIOD_DAYS[0], high=ROTATION_PERIOD_DAYS[1])
-        with self._catalog.transaction():
-            key = self._lookup(key_id)
-            self._require_enabled(key)
-            self._require_rotatable(key)
-            self._catalog.update_key(
-                replace(key, rotation_period_days=period, next_rotation_at=self._now() + timedelta(days=period))
-            )
-        self._used(key, key.current_version)
-
-    @_operation("DisableKeyRotation")
-    def disable_key_rotation(self, *, key_id: str) -> None:
-        with self._catalog.transaction():
-            key = self._lookup(key_id)
-            self._require_enabled(key)
-            self._require_rotatable(key)
-            self._catalog.update_key(replace(key, rotation_period_days=None, next_rotation_at=None))
-        self._used(key, key.current_version)
-
-    @_operation("GetKeyRotationStatus")
-    def get_key_rotation_status(self, *, key_id: str) -> GetKeyRotationStatusResult:
-        key = self._lookup(key_id)
-        self._require_not_pending_deletion(key)
-        self._require_rotatable(key)
-        self._used(key, key.current_version)
-        return GetKeyRotationStatusResult(
-            key_rotation_enabled=key.rotation_period_days is not None,
-            key_id=self._arn(key.key_uuid),
-            rotation_period_in_days=key.rotation_period_days,
-            next_rotation_date=key.next_rotation_at,
-        )
-
-    @_operation("RotateKeyOnDemand")
-    def rotate_key_on_demand(self, *, key_id: str) -> RotateKeyOnDemandResult:
-        key = self._lookup(key_id)
-        self._require_enabled(key)
-        self._require_rotatable(key)
-        self._rotate(key, RotationType.ON_DEMAND)
-        return RotateKeyOnDemandResult(self._arn(key.key_uuid))
-
-    def _rotate(self, key: KeyRecord, rotation_type: RotationType) -> KeyRecord | None:
-        """Add version n+1 and make it current; the older versions stay for decryption.
-
-        An automatic rotation that is no longer due when the write lock is held (another
-        maintainer did it, or the key changed) returns None and changes nothing.
-        """
-        with self._catalog.transaction():
-            fresh = self._catalog.get_key(key.key_uuid)
-            if fresh is None:
-                raise NotFoundException(f"Key '{self._arn(key.key_uuid)}' does not exist")
-            if rotation_type is RotationType.AUTOMATIC and not _rotation_due(fresh, self._now()):
-                return None
-            if rotation_type is RotationType.ON_DEMAND:
-                done = sum(
-                    v.rotation_type is RotationType.ON_DEMAND for v in self._catalog.list_versions(key.key_uuid)
-                )
-                if done >= MAX_ON_DEMAND_ROTATIONS:
-                    raise LimitExceededException(
-                        f"A key may be rotated on demand at most {MAX_ON_DEMAND_ROTATIONS} times."
-                    )
-            now = self._now()
-            version = VersionRecord(key.key_uuid, fresh.current_version + 1, now, rotation_type)
-            self._hsm.create_key(version.ref, fresh.spec, fresh.usage)
-            self._catalog.add_version(version)
-            updated = replace(fresh, current_version=version.version)
-            if rotation_type is RotationType.AUTOMATIC and fresh.rotation_period_days is not None:
-                updated = replace(updated, next_rotation_at=now + timedelta(days=fresh.rotation_period_days))
-                self._catalog.update_key(updated)
-        self._used(updated, version.version)
-        return updated
-
-    @_operation("ListKeyRotations")
-    def list_key_rotations(
-        self,
-        *,
-        key_id: str,
-        include_key_material: str | None = None,
-        limit: int | None = None,
-        marker: str | None = None,
-    ) -> ListKeyRotationsResult:
-        size = _page_limit(limit)
-        after = 0
-        if marker is not None:
-            if not marker.isdigit():
-                raise InvalidMarkerException("The marker is not valid.")
-            after = int(marker)
-        key = self._lookup(key_id)
-        self._require_rotatable(key)
-        arn = self._arn(key.key_uuid)
-        rotations = [
-            v for v in self._catalog.list_versions(key.key_uuid) if v.rotation_type is not None and v.version > after
-        ]
-        page, truncated = rotations[:size], len(rotations) > size
-        entries = tuple(
-            RotationsListEntry(arn, v.created_at, v.rotation_type, _key_material_id(v.ref))
-            for v in page
-            if v.rotation_type is not None
-        )
-        return ListKeyRotationsResult(entries, truncated, str(page[-1].version) if truncated else None)
-
-    # ================================================================ deletion
-
-    @_operation("ScheduleKeyDeletion")
-    def schedule_key_deletion(
-        self, *, key_id: str, pending_window_in_days: int | None = None
-    ) -> ScheduleKeyDeletionResult:
-        days = 30
-        if pending_window_in_days is not None:
-            days = check_int("pendingWindowInDays", pending_window_in_days, low=DELETION_WINDOW_DAYS[0], high=DELETION_WINDOW_DAYS[1])
-        with self._catalog.transaction():
-            key = self._lookup_key_not_alias(key_id)
-            self._require_not_pending_deletion(key)
-            when = self._now() + timedelta(days=days)
-            self._catalog.update_key(
-                replace(key, state=KeyState.PENDING_DELETION, deletion_date=when, pending_window_days=days)
-            )
-        self._used(key, key.current_version)
-        return ScheduleKeyDeletionResult(self._arn(key.key_uuid), when, KeyState.PENDING_DELETION, days)
-
-    @_operation("CancelKeyDeletion")
-    def cancel_key_deletion(self, *, key_id: str) -> CancelKeyDeletionResult:
-        with self._catalog.transaction():
-            key = self._lookup_key_not_alias(key_id)
-            if key.state is not KeyState.PENDING_DELETION:
-                raise KMSInvalidStateException(f"{self._arn(key.key_uuid)} is not pending deletion.")
-            self._catalog.update_key(
-                replace(key, state=KeyState.DISABLED, deletion_date=None, pending_window_days=None)
-            )
-        self._used(key, key.current_version)
-        return CancelKeyDeletionResult(self._arn(key.key_uuid))
 
     # ================================================================ maintenance
 
     def run_maintenance(self) -> MaintenanceReport:
         """Perform due automatic rotations and purge keys whose deletion date has passed. Idempotent."""
+        from hsmkeys.ops.rotation import rotate
+
         now = self._now()
         rotated = []
         for key in self._catalog.keys_due_rotation(now):
-            if self._rotate(key, RotationType.AUTOMATIC) is not None:
+            if rotate(self, None, key, RotationType.AUTOMATIC) is not None:
                 rotated.append(str(key.key_uuid))
         purged = [str(key.key_uuid) for key in self._catalog.keys_due_purge(now) if self._purge(key)]
+        self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
         return MaintenanceReport(tuple(rotated), tuple(purged))
 
     def _purge(self, key: KeyRecord) -> bool:
@@ -1028,75 +695,66 @@ class KeyStore(AsymmetricOperations):
         except Exception as exc:
             raise KMSInternalException(f"health check failed: {type(exc).__name__}") from None
 
+    # ================================================================ operations
+    # One attribute per KMS operation, straight from the table: calling one runs invoke().
 
-# ==================================================================== helpers
-
-
-def _rotation_due(key: KeyRecord, now: datetime) -> bool:
-    return (
-        key.state is KeyState.ENABLED
-        and keyspecs.is_rotatable(key.spec)
-        and key.next_rotation_at is not None
-        and key.next_rotation_at <= now
-    )
-
-
-def _require_symmetric_algorithm(algorithm: str | EncryptionAlgorithm | None) -> None:
-    if algorithm is None:
-        return
-    if check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm) is not EncryptionAlgorithm.SYMMETRIC_DEFAULT:
-        raise InvalidKeyUsageException(f"The encryption algorithm {algorithm} is not valid for this key.")
-
-
-def _key_type(key: KeyRecord) -> str:
-    if key.spec is KeySpec.SYMMETRIC_DEFAULT:
-        return "symmetric"
-    return "hmac" if key.spec.startswith("HMAC") else "asymmetric"
-
-
-def _page_limit(limit: int | None) -> int:
-    return check_int("limit", limit, low=1, high=1000) if limit is not None else 100
-
-
-def _uuid_marker(marker: str | None) -> uuid.UUID | None:
-    if marker is None:
-        return None
-    check_str("marker", marker, min_len=1, max_len=1024)
-    value = parse_uuid(marker)
-    if value is None:
-        raise InvalidMarkerException("The marker is not valid.")
-    return value
-
-
-def _tag_map(tags: Iterable[Tag | Mapping[str, str]] | None) -> dict[str, str]:
-    """Validate tags (KMS limits) given as Tag objects or {TagKey, TagValue} mappings."""
-    if tags is None:
-        return {}
-    if isinstance(tags, str | bytes | Mapping):
-        raise ValidationException("tags must be a list of {TagKey, TagValue}")
-    out: dict[str, str] = {}
-    for tag in tags:
-        raw_key: object
-        raw_value: object
-        if isinstance(tag, Tag):
-            raw_key, raw_value = tag.tag_key, tag.tag_value
-        elif isinstance(tag, Mapping):
-            raw_key = tag["TagKey"] if "TagKey" in tag else tag.get("tag_key")
-            raw_value = tag["TagValue"] if "TagValue" in tag else tag.get("tag_value")
-        else:
-            raise ValidationException("tags must be a list of {TagKey, TagValue}")
-        key = check_str("tagKey", raw_key, min_len=1, max_len=128)
-        value = check_str("tagValue", raw_value, min_len=0, max_len=256)
-        if key.startswith("aws:"):
-            raise TagException("Tag keys beginning with aws: are reserved.")
-        out[key] = value
-    if len(out) > MAX_TAGS:
-        raise TagException(f"A key may have at most {MAX_TAGS} tags.")
-    return out
+    cancel_key_deletion = operations.CANCEL_KEY_DELETION
+    create_alias = operations.CREATE_ALIAS
+    create_grant = operations.CREATE_GRANT
+    create_key = operations.CREATE_KEY
+    decrypt = operations.DECRYPT
+    delete_alias = operations.DELETE_ALIAS
+    derive_shared_secret = operations.DERIVE_SHARED_SECRET
+    describe_key = operations.DESCRIBE_KEY
+    disable_key = operations.DISABLE_KEY
+    disable_key_rotation = operations.DISABLE_KEY_ROTATION
+    enable_key = operations.ENABLE_KEY
+    enable_key_rotation = operations.ENABLE_KEY_ROTATION
+    encrypt = operations.ENCRYPT
+    generate_data_key = operations.GENERATE_DATA_KEY
+    generate_data_key_pair = operations.GENERATE_DATA_KEY_PAIR
+    generate_data_key_pair_without_plaintext = operations.GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT
+    generate_data_key_without_plaintext = operations.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT
+    generate_mac = operations.GENERATE_MAC
+    generate_random = operations.GENERATE_RANDOM
+    get_key_policy = operations.GET_KEY_POLICY
+    get_key_rotation_status = operations.GET_KEY_ROTATION_STATUS
+    get_public_key = operations.GET_PUBLIC_KEY
+    list_aliases = operations.LIST_ALIASES
+    list_grants = operations.LIST_GRANTS
+    list_key_policies = operations.LIST_KEY_POLICIES
+    list_key_rotations = operations.LIST_KEY_ROTATIONS
+    list_keys = operations.LIST_KEYS
+    list_resource_tags = operations.LIST_RESOURCE_TAGS
+    list_retirable_grants = operations.LIST_RETIRABLE_GRANTS
+    put_key_policy = operations.PUT_KEY_POLICY
+    re_encrypt = operations.RE_ENCRYPT
+    retire_grant = operations.RETIRE_GRANT
+    revoke_grant = operations.REVOKE_GRANT
+    rotate_key_on_demand = operations.ROTATE_KEY_ON_DEMAND
+    schedule_key_deletion = operations.SCHEDULE_KEY_DELETION
+    sign = operations.SIGN
+    tag_resource = operations.TAG_RESOURCE
+    untag_resource = operations.UNTAG_RESOURCE
+    update_alias = operations.UPDATE_ALIAS
+    update_key_description = operations.UPDATE_KEY_DESCRIPTION
+    verify = operations.VERIFY
+    verify_mac = operations.VERIFY_MAC
 
 
-def _key_material_id(ref: KeyVersionRef) -> str:
-    return hashlib.sha256(ref.object_id).hexdigest()
+def principals_from_settings(settings: Settings) -> dict[str, Principal]:
+    """The configured principals with their compiled identity policies, by ARN."""
+    found: dict[str, Principal] = {}
+    for p in settings.principals:
+        text = getattr(p, "policy", None)
+        policy = compile_policy(text, kind="identity") if text else None
+        found[p.arn] = Principal(p.arn, identity_policy=policy)
+    return found
+
+
+def _condition_text(value: object) -> str:
+    """A list element as a condition value: a tag by its key, anything else as text."""
+    return value.tag_key if isinstance(value, Tag) else str(value)
 
 
 def _ref_order(ref: KeyVersionRef) -> tuple[str, int]:

@@ -40,12 +40,14 @@ class KeyState(enum.StrEnum):
     ENABLED = "Enabled"
     DISABLED = "Disabled"
     PENDING_DELETION = "PendingDeletion"
+    PENDING_IMPORT = "PendingImport"
     # hsmkeys' own: a purge has started (HSM objects may be partly destroyed).
     PURGING = "Purging"
 
 
 class Origin(enum.StrEnum):
     AWS_KMS = "AWS_KMS"
+    EXTERNAL = "EXTERNAL"
 
 
 class EncryptionAlgorithm(enum.StrEnum):
@@ -357,3 +359,54 @@ class DeriveSharedSecretResult:
     shared_secret: bytes = field(repr=False)
     key_agreement_algorithm: KeyAgreementAlgorithm
     key_origin: Origin
+
+
+# ---------------------------------------------------------------- key policies and grants
+
+
+@dataclass(frozen=True, slots=True)
+class GetKeyPolicyResult:
+    policy: str
+    policy_name: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ListKeyPoliciesResult:
+    policy_names: tuple[str, ...]
+    truncated: bool
+    next_marker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantConstraints:
+    """A grant's encryption context constraints (request and response shape)."""
+
+    encryption_context_subset: dict[str, str] | None = None
+    encryption_context_equals: dict[str, str] | None = None
+    source_arn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateGrantResult:
+    grant_token: str
+    grant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrantListEntry:
+    key_id: str  # key ARN
+    grant_id: str
+    creation_date: datetime
+    grantee_principal: str
+    issuing_account: str
+    operations: tuple[str, ...]
+    name: str | None = None
+    retiring_principal: str | None = None
+    constraints: GrantConstraints | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListGrantsResult:
+    grants: tuple[GrantListEntry, ...]
+    truncated: bool
+    next_marker: str | None = None

@@ -8,6 +8,9 @@ absolute target (the machine is shared and swings +-30% between runs):
   datakey_vs_raw             generate_data_key(AES_256) / raw (random 32 B + random IV + encrypt)
   sign_rsa2048_vs_raw        sign(RSASSA_PSS_SHA_256, RAW) / raw (SHA-256 here + CKM_RSA_PKCS_PSS)
   sign_p256_vs_raw           sign(ECDSA_SHA_256, RAW) / raw (SHA-256 here + CKM_ECDSA + DER)
+  encrypt_with_policy_vs_without
+                             KeyStore.encrypt as a caller authorised by a 20-statement key policy
+                             with encryption-context conditions / the same encrypt with no caller
   encrypt_latency_10k_vs_10  median encrypt latency with --keys keys in the token / with 10,
                              each in FRESH processes (the handle index built as a real process does)
   server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
@@ -84,6 +87,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "encrypt_latency_10k_vs_10": ("<=", 1.2),
     "sign_rsa2048_vs_raw": (">=", 0.85),
     "sign_p256_vs_raw": (">=", 0.85),
+    "encrypt_with_policy_vs_without": (">=", 0.9),
     "server_encrypt_vs_moto": (">=", 15.0),
     "server_2workers_vs_1": (">=", 1.7),
 }
@@ -379,10 +383,52 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
             rounds,
             seconds,
         )
+        log("library: encrypt with a 20-statement key policy")
+        results["encrypt_with_policy"] = _compare_policy(store, rounds, seconds)
         return {name: asdict(c) for name, c in results.items()}
     finally:
         session.close()
         store.close()
+
+
+def _twenty_statement_policy(account: str, app: str) -> str:
+    """A key policy as teams write them: admin, 18 other roles, and the app with context conditions."""
+    statements: list[dict[str, Any]] = [
+        {"Sid": "Admin", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+         "Action": "kms:*", "Resource": "*"},
+    ]
+    for i in range(18):
+        statements.append({
+            "Sid": f"Team{i}", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:role/team-{i}"},
+            "Action": ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey*"], "Resource": "*",
+            "Condition": {"StringEquals": {"kms:EncryptionContext:team": f"team-{i}"}},
+        })
+    statements.append({
+        "Sid": "App", "Effect": "Allow", "Principal": {"AWS": app},
+        "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*",
+        "Condition": {"StringEquals": {"kms:EncryptionContext:tenant": "acme"},
+                      "StringLike": {"kms:EncryptionContext:purpose": "billing-*"}},
+    })
+    return json.dumps({"Version": "2012-10-17", "Statement": statements})
+
+
+def _compare_policy(store: Any, rounds: int, seconds: float) -> Comparison:
+    """Encrypt as an authorised caller (the server's path) vs with no caller, same key and context."""
+    from hsmkeys.authz.model import Principal
+    from hsmkeys.operations import ENCRYPT
+
+    app = f"arn:aws:iam::{store.account_id}:role/app"
+    key_id = store.create_key(policy=_twenty_statement_policy(store.account_id, app)).key_metadata.arn
+    context = {"tenant": "acme", "purpose": "billing-eu"}
+    caller = Principal(app)
+    args = {"key_id": key_id, "plaintext": PLAINTEXT, "encryption_context": context}
+    store.invoke(ENCRYPT, args, principal=caller)  # allowed, or the comparison means nothing
+    return _compare(
+        lambda: store.invoke(ENCRYPT, args, principal=caller),
+        lambda: store.invoke(ENCRYPT, args),
+        rounds,
+        seconds,
+    )
 
 
 def phase_latency(token: BenchToken, keys: BenchKeys, ops: int) -> dict[str, float]:
@@ -828,6 +874,7 @@ def _token_phases(
         figures["library"] = lib
         for name in ("encrypt", "datakey", "sign_rsa2048", "sign_p256"):
             ratios[f"{name}_vs_raw"] = lib[name]["ratio"]
+        ratios["encrypt_with_policy_vs_without"] = lib["encrypt_with_policy"]["ratio"]
 
     guarded("library", library)
 
@@ -899,7 +946,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     figures: dict[str, Any] = {}
     ratios: dict[str, float | None] = dict.fromkeys(
-        ("encrypt_vs_raw", "datakey_vs_raw", "encrypt_latency_10k_vs_10", "sign_rsa2048_vs_raw", "sign_p256_vs_raw"),
+        (
+            "encrypt_vs_raw",
+            "datakey_vs_raw",
+            "encrypt_latency_10k_vs_10",
+            "sign_rsa2048_vs_raw",
+            "sign_p256_vs_raw",
+            "encrypt_with_policy_vs_without",
+        ),
         None,
     )
     tmp = Path(tempfile.mkdtemp(prefix="hsmkeys-bench-"))

@@ -1,4 +1,5 @@
-"""The catalog contract: the source of truth for key state, versions, aliases and tags.
+"""The catalog contract: the source of truth for key state, versions, aliases, tags,
+grants and audit checkpoints.
 
 Only ``hsmkeys/catalog/`` runs SQL. Records are frozen dataclasses; change one with
 ``dataclasses.replace`` and write it back with ``update_key``. Every method is its own
@@ -55,6 +56,35 @@ class AliasRecord:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    """A grant on one key. ``token`` is the opaque grant token returned by CreateGrant."""
+
+    grant_id: str  # 64 lowercase hex characters
+    key_uuid: uuid.UUID
+    token: str
+    grantee_principal: str
+    operations: tuple[str, ...]  # KMS operation names, e.g. ("Encrypt", "Decrypt")
+    issuing_account: str
+    created_at: datetime
+    name: str | None = None
+    retiring_principal: str | None = None
+    encryption_context_equals: Mapping[str, str] | None = None
+    encryption_context_subset: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheckpoint:
+    """The newest signed checkpoint of one audit log chain (``log_id``: the log's path)."""
+
+    log_id: str
+    sequence: int  # sequence number of the last line the checkpoint covers
+    chain_hash: str  # hex SHA-256 chain value after that line
+    mac: str  # hex HMAC of the checkpoint, computed in the HSM
+    file_name: str  # base name of the file holding that line
+    time: datetime
+
+
 class Catalog(Protocol):
     def transaction(self) -> AbstractContextManager[None]:
         """Group the calls inside into one atomic write transaction (re-entrant)."""
@@ -72,11 +102,16 @@ class Catalog(Protocol):
         ...
 
     def delete_key(self, key_uuid: uuid.UUID) -> None:
-        """Remove the key with its versions, aliases and tags. Missing: no error."""
+        """Remove the key with its versions, aliases, tags and grants. Missing: no error."""
         ...
 
-    def list_keys(self, *, limit: int, after: uuid.UUID | None = None) -> list[KeyRecord]:
-        """Keys ordered by UUID string, starting after ``after``, at most ``limit``."""
+    def list_keys(
+        self, *, limit: int, after: uuid.UUID | None = None, exclude_purging: bool = False
+    ) -> list[KeyRecord]:
+        """Keys ordered by UUID string, starting after ``after``, at most ``limit``.
+
+        ``exclude_purging`` filters Purging keys in the query, so pages stay full.
+        """
         ...
 
     def count_keys(self) -> int: ...
@@ -127,3 +162,55 @@ class Catalog(Protocol):
     def delete_tags(self, key_uuid: uuid.UUID, tag_keys: Iterable[str]) -> None: ...
 
     def get_tags(self, key_uuid: uuid.UUID) -> dict[str, str]: ...
+
+    # ------------------------------------------------------------- grants
+    def insert_grant(self, grant: GrantRecord) -> None:
+        """Raises NotFoundException when the key does not exist, AlreadyExistsException
+        when the grant id or token is taken. A key's grants are deleted with the key."""
+        ...
+
+    def get_grant(self, key_uuid: uuid.UUID, grant_id: str) -> GrantRecord | None:
+        """The grant with that id if it is on that key, else None."""
+        ...
+
+    def get_grant_by_token(self, token: str) -> GrantRecord | None: ...
+
+    def find_grant_by_name(self, key_uuid: uuid.UUID, name: str) -> list[GrantRecord]:
+        """Every grant of the key with that name (CreateGrant's idempotency check)."""
+        ...
+
+    def list_grants(
+        self,
+        key_uuid: uuid.UUID,
+        *,
+        limit: int,
+        after: str | None = None,
+        grant_id: str | None = None,
+        grantee_principal: str | None = None,
+    ) -> list[GrantRecord]:
+        """Grants of one key ordered by grant_id, after ``after``, at most ``limit``;
+        ``grant_id`` / ``grantee_principal`` keep only the matching ones."""
+        ...
+
+    def grants_for_key(self, key_uuid: uuid.UUID) -> tuple[GrantRecord, ...]:
+        """Every grant of the key ordered by grant_id, empty for an unknown key (read-cached:
+        on the authorization path of each call). Records and their maps are read-only."""
+        ...
+
+    def list_retirable_grants(
+        self, retiring_principal: str, *, limit: int, after: str | None = None
+    ) -> list[GrantRecord]:
+        """Grants (of any key) naming ``retiring_principal``, ordered by grant_id, after
+        ``after``, at most ``limit``."""
+        ...
+
+    def delete_grant(self, grant_id: str) -> bool:
+        """Remove one grant; False when it did not exist."""
+        ...
+
+    # ------------------------------------------------------------- audit checkpoints
+    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None: ...
+
+    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """Store the newest checkpoint of a chain (replaces the previous one)."""
+        ...

@@ -4,8 +4,8 @@ Several processes (server workers, ``hsmkeys maintain``) may open the same file;
 commit is visible to the others at their next statement. Within a process one
 connection is shared by all threads behind a lock.
 
-``get_key`` and ``get_alias`` sit on every request's path, so their answers are cached
-per process and validated by a generation counter in ``<catalog>-gen`` (an mmap'd
+``get_key``, ``get_alias`` and ``grants_for_key`` sit on every request's path, so their
+answers are cached per process and validated by a generation counter in ``<catalog>-gen`` (an mmap'd
 8-byte file beside the database) that every SqliteCatalog bumps after each commit. A
 reader compares one integer in shared memory instead of running a statement, and a
 change committed by any process is seen by every other at its next call. The counter
@@ -17,8 +17,11 @@ SqliteCatalog (the sqlite3 shell) must be followed by a restart or that expiry.
 Timestamps are stored as integer microseconds since the Unix epoch (UTC), so they
 round-trip exactly and compare as integers in the due-rotation / due-purge queries.
 UUIDs are stored as their canonical lower-case string, whose order is the UUID order.
+A grant's operations and constraints are JSON; records handed out are immutable (tuples,
+read-only mappings), since cached ones are shared by every caller in the process.
 
-Errors: AlreadyExistsException (duplicate key UUID, version or alias name),
+Errors: AlreadyExistsException (duplicate key UUID, version, alias name, grant id or
+grant token),
 NotFoundException (a row that must exist does not), KMSInternalException for every
 other SQLite failure (details are logged, not returned).
 """
@@ -26,6 +29,7 @@ other SQLite failure (details are logged, not returned).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import mmap
 import os
@@ -37,9 +41,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from hsmkeys.catalog.base import AliasRecord, KeyRecord, VersionRecord
+from hsmkeys.catalog.base import (
+    AliasRecord,
+    AuditCheckpoint,
+    GrantRecord,
+    KeyRecord,
+    VersionRecord,
+)
 from hsmkeys.errors import (
     AlreadyExistsException,
     KMSError,
@@ -97,6 +108,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (uuid, tag_key)
         ) WITHOUT ROWID""",
     ),
+    (
+        # constraints: NULL, or {"EncryptionContextEquals": {...}, "EncryptionContextSubset": {...}}
+        # with only the members that are set.
+        """CREATE TABLE grants (
+            grant_id TEXT PRIMARY KEY NOT NULL,
+            uuid TEXT NOT NULL REFERENCES keys (uuid) ON DELETE CASCADE,
+            token TEXT NOT NULL UNIQUE,
+            name TEXT,
+            grantee_principal TEXT NOT NULL,
+            retiring_principal TEXT,
+            operations TEXT NOT NULL,
+            constraints TEXT,
+            issuing_account TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX grants_by_key ON grants (uuid, grant_id)",
+        "CREATE INDEX grants_by_name ON grants (uuid, name)",
+        "CREATE INDEX grants_by_retiring_principal ON grants (retiring_principal, grant_id)",
+        # The token's index is the one its UNIQUE constraint creates.
+        """CREATE TABLE audit_checkpoints (
+            log_id TEXT PRIMARY KEY NOT NULL,
+            seq INTEGER NOT NULL CHECK (seq >= 0),
+            chain_hash TEXT NOT NULL,
+            mac TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            time INTEGER NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +151,9 @@ _UPDATE_KEY = (
     "deletion_date = ?, pending_window_days = ?, policy = ? WHERE uuid = ?"
 )
 _LIST_KEYS = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid > ? ORDER BY uuid LIMIT ?"
+_LIST_KEYS_BUT_STATE = (
+    f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid > ? AND state != ? ORDER BY uuid LIMIT ?"
+)
 _DUE_ROTATION = (
     f"SELECT {_KEY_COLUMNS} FROM keys WHERE state = ? AND next_rotation_at IS NOT NULL "
     "AND next_rotation_at <= ? ORDER BY next_rotation_at, uuid"
@@ -124,6 +166,14 @@ _INSERT_VERSION = (
     "INSERT INTO key_versions (uuid, version, created_at, rotation_type) VALUES (?, ?, ?, ?)"
 )
 _ALIAS_COLUMNS = "name, uuid, created_at, updated_at"
+_GRANT_COLUMNS = (
+    "grant_id, uuid, token, name, grantee_principal, retiring_principal, operations, "
+    "constraints, issuing_account, created_at"
+)
+_SELECT_GRANTS = f"SELECT {_GRANT_COLUMNS} FROM grants"
+_CHECKPOINT_COLUMNS = "log_id, seq, chain_hash, mac, file_name, time"
+_EQUALS = "EncryptionContextEquals"
+_SUBSET = "EncryptionContextSubset"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -210,6 +260,69 @@ def _alias_from_row(row: Any) -> AliasRecord:
     )
 
 
+def _grant_values(grant: GrantRecord) -> tuple[object, ...]:
+    constraints: dict[str, dict[str, str]] = {}
+    if grant.encryption_context_equals is not None:
+        constraints[_EQUALS] = dict(grant.encryption_context_equals)
+    if grant.encryption_context_subset is not None:
+        constraints[_SUBSET] = dict(grant.encryption_context_subset)
+    return (
+        grant.grant_id,
+        str(grant.key_uuid),
+        grant.token,
+        grant.name,
+        grant.grantee_principal,
+        grant.retiring_principal,
+        json.dumps(list(grant.operations)),
+        json.dumps(constraints, sort_keys=True) if constraints else None,
+        grant.issuing_account,
+        _to_us(grant.created_at),
+    )
+
+
+def _read_only(value: Any) -> Mapping[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("grant constraint is not a string map")
+    return MappingProxyType(value)  # the dict is private to this record
+
+
+def _grant_from_row(row: Any) -> GrantRecord:
+    operations = json.loads(row[6])
+    if not isinstance(operations, list) or not all(isinstance(op, str) for op in operations):
+        raise ValueError("grant operations are not a list of names")
+    constraints = {} if row[7] is None else json.loads(row[7])
+    if not isinstance(constraints, dict):
+        raise ValueError("grant constraints are not an object")
+    return GrantRecord(
+        grant_id=row[0],
+        key_uuid=uuid.UUID(row[1]),
+        token=row[2],
+        name=row[3],
+        grantee_principal=row[4],
+        retiring_principal=row[5],
+        operations=tuple(operations),
+        encryption_context_equals=_read_only(constraints.get(_EQUALS)),
+        encryption_context_subset=_read_only(constraints.get(_SUBSET)),
+        issuing_account=row[8],
+        created_at=_from_us(row[9]),
+    )
+
+
+def _checkpoint_from_row(row: Any) -> AuditCheckpoint:
+    return AuditCheckpoint(
+        log_id=row[0],
+        sequence=row[1],
+        chain_hash=row[2],
+        mac=row[3],
+        file_name=row[4],
+        time=_from_us(row[5]),
+    )
+
+
 def _internal(operation: str, exc: BaseException) -> KMSInternalException:
     _log.error("catalog_error operation=%s error=%r", operation, exc)
     return KMSInternalException("The catalog failed; see the server log.")
@@ -271,7 +384,9 @@ class SqliteCatalog:
         # RLock: transaction() holds it across the calls it encloses, which lock again.
         self._lock = threading.RLock()
         self._depth = 0
-        self._cache: dict[object, Any] = {}  # uuid -> KeyRecord | None, name -> AliasRecord | None
+        # uuid -> KeyRecord | None, ("alias", name) -> AliasRecord | None,
+        # ("grants", uuid) -> tuple[GrantRecord, ...]
+        self._cache: dict[object, Any] = {}
         self._cache_generation = -1
         self._cache_expires = 0.0
         try:
@@ -485,13 +600,25 @@ class SqliteCatalog:
 
     def delete_key(self, key_uuid: uuid.UUID) -> None:
         with self._write("delete_key"):
-            # ON DELETE CASCADE removes its versions, aliases and tags.
+            # ON DELETE CASCADE removes its versions, aliases, tags and grants.
             self._conn.execute("DELETE FROM keys WHERE uuid = ?", (str(key_uuid),))
 
-    def list_keys(self, *, limit: int, after: uuid.UUID | None = None) -> list[KeyRecord]:
-        rows = self._read(
-            "list_keys", _LIST_KEYS, ("" if after is None else str(after), max(limit, 0))
-        )
+    def list_keys(
+        self, *, limit: int, after: uuid.UUID | None = None, exclude_purging: bool = False
+    ) -> list[KeyRecord]:
+        """Keys ordered by UUID string, after ``after``, at most ``limit``.
+
+        ``exclude_purging`` leaves Purging keys out in SQL, so a page is short only at the end.
+        """
+        start = "" if after is None else str(after)
+        if exclude_purging:
+            rows = self._read(
+                "list_keys",
+                _LIST_KEYS_BUT_STATE,
+                (start, KeyState.PURGING.value, max(limit, 0)),
+            )
+        else:
+            rows = self._read("list_keys", _LIST_KEYS, (start, max(limit, 0)))
         return self._keys(rows, "list_keys")
 
     def count_keys(self) -> int:
@@ -678,3 +805,123 @@ class SqliteCatalog:
             (str(key_uuid),),
         )
         return {row[0]: row[1] for row in rows}
+
+    # ------------------------------------------------------------- grants
+
+    def insert_grant(self, grant: GrantRecord) -> None:
+        """Raises NotFoundException if the key is missing, AlreadyExistsException if the
+        grant id or token is taken."""
+        with self._write("insert_grant"):
+            try:
+                self._conn.execute(
+                    f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _grant_values(grant),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(
+                    exc,
+                    exists=f"Grant '{grant.grant_id}' or its token already exists.",
+                    missing=f"Key '{grant.key_uuid}' does not exist.",
+                ) from exc
+
+    def _grants(self, operation: str, clause: str, params: tuple[object, ...]) -> list[GrantRecord]:
+        """Grants matching ``WHERE clause`` (which may end in ORDER BY / LIMIT)."""
+        rows = self._read(operation, f"{_SELECT_GRANTS} WHERE {clause}", params)
+        try:
+            return [_grant_from_row(row) for row in rows]
+        except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise _internal(operation, exc) from exc
+
+    def get_grant(self, key_uuid: uuid.UUID, grant_id: str) -> GrantRecord | None:
+        """The grant with that id if it belongs to that key, else None."""
+        found = self._grants("get_grant", "grant_id = ? AND uuid = ?", (grant_id, str(key_uuid)))
+        return found[0] if found else None
+
+    def get_grant_by_token(self, token: str) -> GrantRecord | None:
+        found = self._grants("get_grant_by_token", "token = ?", (token,))
+        return found[0] if found else None
+
+    def find_grant_by_name(self, key_uuid: uuid.UUID, name: str) -> list[GrantRecord]:
+        """Every grant of the key with that name, ordered by grant_id."""
+        return self._grants(
+            "find_grant_by_name",
+            "uuid = ? AND name = ? ORDER BY grant_id",
+            (str(key_uuid), name),
+        )
+
+    def list_grants(
+        self,
+        key_uuid: uuid.UUID,
+        *,
+        limit: int,
+        after: str | None = None,
+        grant_id: str | None = None,
+        grantee_principal: str | None = None,
+    ) -> list[GrantRecord]:
+        """Grants of one key ordered by grant_id, after ``after``, at most ``limit``,
+        optionally only the one with ``grant_id`` and/or those of ``grantee_principal``."""
+        where = "uuid = ? AND grant_id > ?"
+        params: list[object] = [str(key_uuid), "" if after is None else after]
+        if grant_id is not None:
+            where += " AND grant_id = ?"
+            params.append(grant_id)
+        if grantee_principal is not None:
+            where += " AND grantee_principal = ?"
+            params.append(grantee_principal)
+        params.append(max(limit, 0))
+        return self._grants("list_grants", f"{where} ORDER BY grant_id LIMIT ?", tuple(params))
+
+    def grants_for_key(self, key_uuid: uuid.UUID) -> tuple[GrantRecord, ...]:
+        """Every grant of the key ordered by grant_id (empty for an unknown key), cached."""
+        found: tuple[GrantRecord, ...] = self._cached(
+            ("grants", key_uuid),
+            lambda: tuple(
+                self._grants("grants_for_key", "uuid = ? ORDER BY grant_id", (str(key_uuid),))
+            ),
+        )
+        return found
+
+    def list_retirable_grants(
+        self, retiring_principal: str, *, limit: int, after: str | None = None
+    ) -> list[GrantRecord]:
+        """Grants of any key naming ``retiring_principal``, ordered by grant_id, after
+        ``after``, at most ``limit``."""
+        return self._grants(
+            "list_retirable_grants",
+            "retiring_principal = ? AND grant_id > ? ORDER BY grant_id LIMIT ?",
+            (retiring_principal, "" if after is None else after, max(limit, 0)),
+        )
+
+    def delete_grant(self, grant_id: str) -> bool:
+        """Remove one grant; False when it did not exist."""
+        with self._write("delete_grant"):
+            cursor = self._conn.execute("DELETE FROM grants WHERE grant_id = ?", (grant_id,))
+            return cursor.rowcount > 0
+
+    # ------------------------------------------------------------- audit checkpoints
+
+    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
+        rows = self._read(
+            "get_audit_checkpoint",
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE log_id = ?",
+            (log_id,),
+        )
+        return _checkpoint_from_row(rows[0]) if rows else None
+
+    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """Store the newest checkpoint of a chain, replacing the previous one."""
+        with self._write("put_audit_checkpoint"):
+            self._conn.execute(
+                f"INSERT INTO audit_checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (log_id) DO UPDATE SET seq = excluded.seq, "
+                "chain_hash = excluded.chain_hash, mac = excluded.mac, "
+                "file_name = excluded.file_name, time = excluded.time",
+                (
+                    checkpoint.log_id,
+                    checkpoint.sequence,
+                    checkpoint.chain_hash,
+                    checkpoint.mac,
+                    checkpoint.file_name,
+                    _to_us(checkpoint.time),
+                ),
+            )

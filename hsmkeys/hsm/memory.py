@@ -22,10 +22,11 @@ import threading
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hmac, serialization
+from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 from hsmkeys import keyspecs
 from hsmkeys.algorithms import (
@@ -38,13 +39,27 @@ from hsmkeys.algorithms import (
 from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     AlreadyExistsException,
+    IncorrectKeyMaterialException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
     KMSInternalException,
     NotFoundException,
     ValidationException,
 )
-from hsmkeys.hsm.base import HsmStatus
+from hsmkeys.hsm.base import (
+    FINGERPRINT_AAD,
+    FINGERPRINT_BLOCK,
+    FINGERPRINT_IV,
+    FINGERPRINT_MESSAGE,
+    OAEP_ALGORITHMS,
+    WRAPPING_ALGORITHMS,
+    WRAPPING_KEY_BITS,
+    HsmStatus,
+    check_import_algorithm,
+    check_secret_length,
+    fingerprint,
+    wrapping_label,
+)
 from hsmkeys.models import (
     DataKeyPairSpec,
     EncryptionAlgorithm,
@@ -61,8 +76,12 @@ IV_LEN = 12
 TAG_LEN = 16
 AES_KEY_BYTES = 32
 RSA_PUBLIC_EXPONENT = 65537
-
-
+_WRAPPING_HASH: dict[str, type[hashes.SHA1 | hashes.SHA256]] = {
+    "RSAES_OAEP_SHA_1": hashes.SHA1,
+    "RSAES_OAEP_SHA_256": hashes.SHA256,
+    "RSA_AES_KEY_WRAP_SHA_1": hashes.SHA1,
+    "RSA_AES_KEY_WRAP_SHA_256": hashes.SHA256,
+}
 
 _PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -81,6 +100,7 @@ class MemoryHsm:
 
     def __init__(self) -> None:
         self._keys: dict[KeyVersionRef, _Key] = {}
+        self._wrapping: dict[KeyVersionRef, rsa.RSAPrivateKey] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -246,6 +266,66 @@ class MemoryHsm:
         )
         return der, _spki(private)
 
+    # ---------------------------------------------------------- import (BYOK)
+
+    def wrapping_algorithms(self) -> frozenset[str]:
+        return WRAPPING_ALGORITHMS
+
+    def create_wrapping_key(self, ref: KeyVersionRef, spec: str) -> bytes:
+        self._check_open()
+        bits = WRAPPING_KEY_BITS.get(spec)
+        if bits is None:
+            raise ValidationException(f"WrappingKeySpec {spec} is not supported.")
+        private = rsa.generate_private_key(RSA_PUBLIC_EXPONENT, bits)
+        with self._lock:
+            if ref in self._wrapping:
+                raise AlreadyExistsException(f"{wrapping_label(ref)} already exists in the HSM.")
+            self._wrapping[ref] = private
+        return _spki(private)
+
+    def destroy_wrapping_key(self, ref: KeyVersionRef) -> None:
+        self._check_open()
+        with self._lock:
+            self._wrapping.pop(ref, None)
+
+    def import_key(
+        self,
+        ref: KeyVersionRef,
+        spec: KeySpec,
+        usage: KeyUsage,
+        wrapping: KeyVersionRef,
+        algorithm: str,
+        wrapped: bytes,
+        public_key_der: bytes | None = None,
+    ) -> None:
+        self._check_open()
+        if usage not in keyspecs.ALLOWED_USAGES.get(spec, ()):
+            raise ValidationException(f"Key usage {usage} is not valid for key spec {spec}.")
+        check_import_algorithm(spec, algorithm)
+        with self._lock:
+            unwrapping = self._wrapping.get(wrapping)
+        if unwrapping is None:
+            raise NotFoundException(f"{wrapping_label(wrapping)} has no object in the HSM.")
+        material = _unwrap(unwrapping, algorithm, bytes(wrapped))
+        key = _Key(spec, usage, _imported_material(spec, material, public_key_der))
+        with self._lock:
+            if ref in self._keys:
+                raise AlreadyExistsException(f"{ref.label} already exists in the HSM.")
+            self._keys[ref] = key
+
+    def key_fingerprint(self, ref: KeyVersionRef) -> bytes:
+        key = self._get(ref)
+        material = key.material
+        if not isinstance(material, bytes):
+            return fingerprint("spki", _spki(material))
+        if key.spec is KeySpec.SYMMETRIC_DEFAULT:
+            return fingerprint(
+                "aes", AESGCM(material).encrypt(FINGERPRINT_IV, FINGERPRINT_BLOCK, FINGERPRINT_AAD)
+            )
+        h = hmac.HMAC(material, hashes.SHA256())
+        h.update(FINGERPRINT_MESSAGE)
+        return fingerprint("hmac", h.finalize())
+
     # ---------------------------------------------------------- internals
 
     def _check_open(self) -> None:
@@ -277,6 +357,44 @@ def _generate(spec: KeySpec) -> bytes | _PrivateKey:
     if spec in CURVES:
         return ec.generate_private_key(CURVES[spec])
     raise ValidationException(f"Key spec {spec} is not supported.")
+
+
+def _unwrap(unwrapping: rsa.RSAPrivateKey, algorithm: str, wrapped: bytes) -> bytes:
+    """The material inside ``wrapped``; any failure is one InvalidCiphertextException."""
+    hash_type = _WRAPPING_HASH[algorithm]
+    oaep = padding.OAEP(mgf=padding.MGF1(hash_type()), algorithm=hash_type(), label=None)
+    k = unwrapping.key_size // 8
+    try:
+        if algorithm in OAEP_ALGORITHMS:
+            return unwrapping.decrypt(wrapped, oaep)
+        if len(wrapped) <= k:
+            raise ValueError("no AES-wrapped part")
+        aes_key = unwrapping.decrypt(wrapped[:k], oaep)
+        if len(aes_key) not in (16, 24, 32):
+            raise ValueError("the ephemeral key is not an AES key")
+        return aes_key_unwrap_with_padding(aes_key, wrapped[k:])
+    except (ValueError, InvalidUnwrap):
+        raise InvalidCiphertextException(INVALID_CIPHERTEXT) from None
+
+
+def _imported_material(spec: KeySpec, material: bytes, public_key_der: bytes | None) -> bytes | _PrivateKey:
+    """Checked key material of ``spec``: IncorrectKeyMaterialException for anything else."""
+    if spec is KeySpec.SYMMETRIC_DEFAULT or spec in keyspecs.HMAC_KEY_BYTES:
+        check_secret_length(spec, len(material), len(material))
+        return material
+    try:
+        private = serialization.load_der_private_key(material, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise IncorrectKeyMaterialException(f"The key material is not a PKCS#8 {spec} private key.") from None
+    if spec in keyspecs.RSA_BITS:
+        fits = isinstance(private, rsa.RSAPrivateKey) and private.key_size == keyspecs.RSA_BITS[spec]
+    else:
+        fits = isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == CURVES[spec].name
+    if not fits or not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise IncorrectKeyMaterialException(f"The key material is not a {spec} private key.")
+    if public_key_der is not None and bytes(public_key_der) != _spki(private):
+        raise IncorrectKeyMaterialException("The public key does not match the imported private key.")
+    return private
 
 
 def _spki(private: _PrivateKey) -> bytes:

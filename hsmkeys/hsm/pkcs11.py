@@ -29,21 +29,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as ckr
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import (
     DecryptMixin,
@@ -53,21 +55,44 @@ from pkcs11.types import (
     Session,
     SignMixin,
     Token,
+    UnwrapMixin,
+    WrapMixin,
 )
+
+if TYPE_CHECKING:
+    from pkcs11._pkcs11 import lib as Pkcs11Lib
 
 from hsmkeys import keyspecs
 from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
     AlreadyExistsException,
     ConfigError,
+    DependencyTimeoutException,
+    IncorrectKeyMaterialException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
     KMSError,
     KMSInternalException,
     NotFoundException,
+    UnsupportedOperationException,
     ValidationException,
 )
-from hsmkeys.hsm.base import HsmStatus
+from hsmkeys.hsm.base import (
+    FINGERPRINT_AAD,
+    FINGERPRINT_BLOCK,
+    FINGERPRINT_IV,
+    FINGERPRINT_MESSAGE,
+    OAEP_ALGORITHMS,
+    SYMMETRIC_IMPORT_BYTES,
+    WRAPPING_ALGORITHMS,
+    WRAPPING_KEY_BITS,
+    HsmStatus,
+    check_import_algorithm,
+    check_secret_length,
+    fingerprint,
+    wrapping_label,
+    wrapping_object_id,
+)
 from hsmkeys.models import (
     DataKeyPairSpec,
     EncryptionAlgorithm,
@@ -86,6 +111,12 @@ T = TypeVar("T")
 
 #: One lock for every PKCS#11 call in the process (SoftHSM2 runs without OS locking).
 _LOCK: Final = threading.RLock()
+#: How long a request waits for that lock (an HSM call that hangs holds it) before
+#: DependencyTimeoutException; RSA-4096 generation takes ~2 s, a 10,000-key index ~1 s.
+DEFAULT_LOCK_TIMEOUT_S: Final = 30.0
+#: Per module: bumped on every C_Finalize/C_Initialize, after which every session and
+#: handle of the process is void (instances compare it before each call).
+_GENERATION: dict[str, int] = {}
 
 LABEL_PREFIX = "hsmkeys/"
 GCM_IV_LEN = 12
@@ -123,6 +154,10 @@ _PUBLIC_TEMPLATE: Final = MappingProxyType(
     {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.MODIFIABLE: False}
 )
 # Data key pairs: session objects whose private half must be read to build PKCS#8.
+# Transient objects of an import: session-only, sensitive, never extractable by default.
+_SESSION_SECRET: Final = MappingProxyType(
+    {Attribute.TOKEN: False, Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+)
 _EXPORTABLE_TEMPLATE: Final = MappingProxyType(
     {
         Attribute.TOKEN: False,
@@ -184,6 +219,10 @@ _SIGNING_HASH: MappingProxyType[SigningAlgorithm, _HashInfo] = MappingProxyType(
         SigningAlgorithm.ECDSA_SHA_512: _SHA512,
     }
 )
+#: CK_RSA_PKCS_OAEP_PARAMS for import unwrapping (empty label).
+_OAEP_PARAMS: MappingProxyType[str, Any] = MappingProxyType(
+    {"SHA_1": (Mechanism.SHA_1, MGF.SHA1, None), "SHA_256": (Mechanism.SHA256, MGF.SHA256, None)}
+)
 _OAEP_HASH: MappingProxyType[EncryptionAlgorithm, _HashInfo] = MappingProxyType(
     {EncryptionAlgorithm.RSAES_OAEP_SHA_1: _SHA1, EncryptionAlgorithm.RSAES_OAEP_SHA_256: _SHA256}
 )
@@ -211,6 +250,23 @@ _DECRYPT_FAILURES: tuple[type[ckr.PKCS11Error], ...] = (
     ckr.FunctionFailed,
 )
 _STALE_HANDLE: tuple[type[ckr.PKCS11Error], ...] = (ckr.ObjectHandleInvalid, ckr.KeyHandleInvalid)
+#: The session is gone (or logged out): open a new one and log in again.
+_SESSION_LOST: tuple[type[ckr.PKCS11Error], ...] = (
+    ckr.SessionHandleInvalid,
+    ckr.SessionClosed,
+    ckr.UserNotLoggedIn,
+)
+#: The device is gone: also finalize and re-initialise the module (every handle is void).
+_DEVICE_LOST: tuple[type[ckr.PKCS11Error], ...] = (ckr.DeviceError, ckr.DeviceRemoved, ckr.TokenNotPresent)
+_LOST: tuple[type[ckr.PKCS11Error], ...] = _SESSION_LOST + _DEVICE_LOST
+#: Import: the wrapped material does not open (tampered, wrong wrapping key).
+_WRAPPED_INVALID: tuple[type[ckr.PKCS11Error], ...] = (
+    ckr.GeneralError,
+    ckr.EncryptedDataInvalid,
+    ckr.EncryptedDataLenRange,
+    ckr.WrappedKeyInvalid,
+    ckr.WrappedKeyLenRange,
+)
 
 
 def _kms_error(exc: ckr.PKCS11Error, *, what: str, decrypt: bool = False) -> KMSError:
@@ -239,19 +295,28 @@ def module_loaded(module: str) -> bool:
 
 @dataclass(slots=True)
 class _KeyObjects:
-    """The object(s) of one key version in this process's session."""
+    """The object(s) of one key version in this process's session.
+
+    ``duplicate`` is set when the token holds two objects of one class for the ref
+    (a crash leftover of a re-used version): every process then refuses the ref,
+    rather than each picking whichever object its search returned first.
+    """
 
     secret: Object | None = None
     private: Object | None = None
     public: Object | None = None
+    duplicate: bool = False
 
     def add(self, obj: Object) -> None:
         cls = obj.object_class
         if cls is ObjectClass.SECRET_KEY:
+            self.duplicate |= self.secret is not None
             self.secret = obj
         elif cls is ObjectClass.PRIVATE_KEY:
+            self.duplicate |= self.private is not None
             self.private = obj
         elif cls is ObjectClass.PUBLIC_KEY:
+            self.duplicate |= self.public is not None
             self.public = obj
 
 
@@ -260,6 +325,7 @@ class _Cache:
     objects: dict[KeyVersionRef, _KeyObjects] = field(default_factory=dict)
     public_der: dict[KeyVersionRef, bytes] = field(default_factory=dict)
     hmac_keys: dict[KeyVersionRef, SignMixin] = field(default_factory=dict)  # checked HMAC keys
+    wrapping: dict[KeyVersionRef, Object] = field(default_factory=dict)  # private halves
     indexed: bool = False
 
     def drop(self, ref: KeyVersionRef) -> None:
@@ -271,48 +337,155 @@ class _Cache:
 class Pkcs11Hsm:
     """A token opened through a PKCS#11 module; see the module docstring. Use :meth:`open`."""
 
-    def __init__(self, *, module: str, token: Token, session: Session) -> None:
+    def __init__(
+        self,
+        *,
+        module: str,
+        lib: Pkcs11Lib,
+        token: Token,
+        session: Session,
+        pin: str,
+        session_wrapper: Callable[[Session], Session] | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
         self._module = module
+        self._lib = lib
         self._token = token
-        self._session: Session | None = session
+        self._token_label = token.label
+        self._pin = pin  # kept to log in again after a lost session; never logged
+        self._wrap_session = session_wrapper
+        self._lock_timeout = lock_timeout
+        self._session: Session | None = session if session_wrapper is None else session_wrapper(session)
+        self._generation = _GENERATION.get(module, 0)
+        self._closed = False
         self._cache = _Cache()
+        self._oaep_sha256: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Hsm(module={self._module!r}, token={self._token_label!r})"
 
     @classmethod
-    def open(cls, *, module: str, token_label: str, pin: str) -> Pkcs11Hsm:
+    def open(
+        cls,
+        *,
+        module: str,
+        token_label: str,
+        pin: str,
+        session_wrapper: Callable[[Session], Session] | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> Pkcs11Hsm:
         """Load ``module``, find the token labelled ``token_label`` and log in as user.
 
         Raises ConfigError when the module cannot be loaded, no token has that label
         or the PIN is refused (the PIN never appears in the message).
+        ``session_wrapper`` wraps every session the instance opens (fault injection in
+        tests: :mod:`hsmkeys.hsm.faults`); ``lock_timeout`` bounds the wait for the
+        process-wide HSM lock (DependencyTimeoutException after it).
         """
         with _LOCK:
             try:
                 lib = pkcs11.lib(module)
             except ckr.PKCS11Error as exc:
                 raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
-            try:
-                token = lib.get_token(token_label=token_label)
-            except ckr.NoSuchToken:
-                raise ConfigError(
-                    f"no token labelled {token_label!r} in {module} "
-                    "(for SoftHSM2: check SOFTHSM2_CONF and that the token was initialised "
-                    "before the module was loaded)"
-                ) from None
-            except ckr.MultipleTokensReturned:
-                raise ConfigError(f"several tokens are labelled {token_label!r}") from None
+            token = _find_token(lib, module, token_label)
             session = _login(token, pin)
-        return cls(module=module, token=token, session=session)
+        return cls(
+            module=module,
+            lib=lib,
+            token=token,
+            session=session,
+            pin=pin,
+            session_wrapper=session_wrapper,
+            lock_timeout=lock_timeout,
+        )
 
     # ---------------------------------------------------------- plumbing
 
+    def _call(self, what: str, op: Callable[[], T], *, retry: bool, decrypt: bool = False) -> T:
+        """Run ``op`` under the process lock, with the one error mapping and session recovery.
+
+        A lost session or device (_SESSION_LOST, _DEVICE_LOST) is discarded (a device
+        error also re-initialises the module), and ``op`` runs once more on a new
+        session when ``retry`` (idempotent operations); otherwise, or if that fails
+        too, the request gets KMSInternalException and the next one opens a new session.
+        """
+        if not _LOCK.acquire(timeout=self._lock_timeout):
+            log.error("hsm_lock_timeout operation=%s timeout_s=%s", what, self._lock_timeout)
+            raise DependencyTimeoutException(
+                f"the HSM did not answer within {self._lock_timeout:g} s ({what}); retry later"
+            )
+        try:
+            for attempt in (1, 2):
+                try:
+                    return op()
+                except _LOST as exc:
+                    log.warning(
+                        "hsm_session_lost operation=%s ckr=%s attempt=%d", what, type(exc).__name__, attempt
+                    )
+                    self._discard_session(reinitialize=isinstance(exc, _DEVICE_LOST))
+                    if not retry or attempt == 2:
+                        raise KMSInternalException(
+                            f"HSM session lost during {what}: {type(exc).__name__}"
+                        ) from None
+                except ckr.PKCS11Error as exc:
+                    raise _kms_error(exc, what=what, decrypt=decrypt) from None
+            raise AssertionError("unreachable")
+        finally:
+            _LOCK.release()
+
     def _live_session(self) -> Session:
-        if self._session is None:
+        """The session, opened again (and logged in) if it was lost or the module re-initialised."""
+        if self._closed:
             raise KMSInternalException("the HSM session is closed")
+        session = self._session
+        if session is None or self._generation != _GENERATION.get(self._module, 0):
+            session = self._reopen()
+        return session
+
+    def _discard_session(self, *, reinitialize: bool) -> None:
+        """Forget the session and every handle; on a device error finalize and initialise the module."""
+        session, self._session = self._session, None
+        self._cache = _Cache()
+        if session is not None:
+            with suppress(ckr.PKCS11Error):  # it is already gone: that is why it is discarded
+                session.close()
+        if reinitialize:
+            # Every session and handle of the process dies with C_Finalize: other instances
+            # notice through _GENERATION and open new sessions too.
+            _GENERATION[self._module] = _GENERATION.get(self._module, 0) + 1
+            try:
+                self._lib.finalize()
+            except ckr.PKCS11Error as exc:
+                log.warning("hsm_finalize_failed ckr=%s", type(exc).__name__)
+            try:
+                self._lib.initialize()
+            except ckr.PKCS11Error as exc:
+                log.error("hsm_initialize_failed ckr=%s", type(exc).__name__)
+            log.warning("hsm_module_reinitialized module=%s", self._module)
+
+    def _reopen(self) -> Session:
+        self._session = None
+        self._cache = _Cache()
+        generation = _GENERATION.get(self._module, 0)
+        try:
+            if generation != self._generation:
+                self._lib.initialize()  # no-op when initialised; needed if an initialise failed before
+                self._token = _find_token(self._lib, self._module, self._token_label)
+            session = _login(self._token, self._pin)
+        except (ckr.PKCS11Error, ConfigError, KMSError) as exc:
+            raise KMSInternalException(f"cannot open a new HSM session: {type(exc).__name__}") from None
+        self._session = session if self._wrap_session is None else self._wrap_session(session)
+        self._generation = generation
+        log.warning("hsm_session_opened module=%s token=%s", self._module, self._token_label)
         return self._session
 
     @contextmanager
     def _mapped(self, what: str, *, decrypt: bool = False) -> Iterator[None]:
+        """Map PKCS#11 errors of a step to KMS errors; a lost session goes up to :meth:`_call`."""
         try:
             yield
+        except _LOST:
+            raise
         except ckr.PKCS11Error as exc:
             raise _kms_error(exc, what=what, decrypt=decrypt) from None
 
@@ -324,37 +497,43 @@ class Pkcs11Hsm:
         *,
         decrypt: bool = False,
     ) -> T:
-        """Run ``use`` on the ref's cached objects under the lock; re-look-up once on a stale handle."""
-        with _LOCK:
-            for attempt in (1, 2):
+        """Run ``use`` on the ref's cached objects (an idempotent operation); re-look-up once on a stale handle."""
+
+        def attempt() -> T:
+            for tries in (1, 2):
                 objects = self._objects(ref)
                 try:
                     return use(objects)
                 except _STALE_HANDLE:
                     self._cache.drop(ref)
-                    if attempt == 2:
+                    if tries == 2:
                         raise NotFoundException(f"no HSM object for {ref.label}") from None
-                except ckr.PKCS11Error as exc:
-                    raise _kms_error(exc, what=what, decrypt=decrypt) from None
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
+
+        return self._call(what, attempt, retry=True, decrypt=decrypt)
 
     def _objects(self, ref: KeyVersionRef) -> _KeyObjects:
         """Cached objects of ``ref``; builds the index on the first miss, searches on later ones."""
         found = self._cache.objects.get(ref)
-        if found is not None:
-            return found
-        with self._mapped("lookup"):
-            if not self._cache.indexed:
-                self._cache.objects.update(self._scan())
-                self._cache.indexed = True
-                found = self._cache.objects.get(ref)
-            else:
-                found = self._search(ref)
-                if found is not None:
-                    self._cache.objects[ref] = found
+        if found is None:
+            with self._mapped("lookup"):
+                if not self._cache.indexed:
+                    self._build_index()
+                    found = self._cache.objects.get(ref)
+                else:
+                    found = self._search(ref)
+                    if found is not None:
+                        self._cache.objects[ref] = found
         if found is None:
             raise NotFoundException(f"no HSM object for {ref.label}")
+        if found.duplicate:
+            log.error("hsm_duplicate_objects label=%s", ref.label)
+            raise KMSInternalException(f"several HSM objects carry {ref.label}; run hsmkeys doctor")
         return found
+
+    def _build_index(self) -> None:
+        self._cache.objects.update(self._scan())
+        self._cache.indexed = True
 
     def _search(self, ref: KeyVersionRef) -> _KeyObjects | None:
         """One C_FindObjects by CKA_ID (cost grows with the token's object count)."""
@@ -398,6 +577,7 @@ class Pkcs11Hsm:
     def close(self) -> None:
         """Close the session (idempotent); the instance cannot be used afterwards."""
         with _LOCK:
+            self._closed = True
             session, self._session = self._session, None
             self._cache = _Cache()
             if session is not None:
@@ -409,12 +589,21 @@ class Pkcs11Hsm:
     # ---------------------------------------------------------- objects
 
     def create_key(self, ref: KeyVersionRef, spec: KeySpec, usage: KeyUsage) -> None:
+        """No search per create: the ref is fresh (new UUID, or version n+1). A leftover
+        with the same ref that existed when this process indexed the token is refused
+        (AlreadyExistsException); one made later by another process's crash makes the ref
+        a duplicate, which every process refuses (see _KeyObjects) until doctor removes it.
+        """
         if usage not in keyspecs.ALLOWED_USAGES[spec]:
             raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
         capabilities = _KEY_CAPABILITIES[usage]
-        with _LOCK, self._mapped(f"create {ref.label}"):
+
+        def run() -> None:
             session = self._live_session()
-            if self._search(ref) is not None:
+            if not self._cache.indexed:
+                with self._mapped("lookup"):
+                    self._build_index()
+            if ref in self._cache.objects:
                 raise AlreadyExistsException(f"the HSM already holds {ref.label}")
             objects = _KeyObjects()
             common: dict[str, Any] = {"id": ref.object_id, "label": ref.label, "store": True}
@@ -452,50 +641,41 @@ class Pkcs11Hsm:
                 objects.add(public)
                 objects.add(private)
             self._cache.objects[ref] = objects
+
+        self._call(f"create {ref.label}", run, retry=False)
         log.info("hsm_key_created label=%s spec=%s usage=%s", ref.label, spec, usage)
 
     def has_key(self, ref: KeyVersionRef) -> bool:
-        with _LOCK, self._mapped("lookup"):
-            return self._search(ref) is not None
+        return self._call("lookup", lambda: self._search(ref) is not None, retry=True)
 
     def destroy_key(self, ref: KeyVersionRef) -> None:
-        with _LOCK, self._mapped(f"destroy {ref.label}"):
+        def run() -> int:
             self._cache.drop(ref)
-            destroyed = 0
-            for obj in list(self._live_session().get_objects({Attribute.ID: ref.object_id})):
-                if obj[Attribute.LABEL] != ref.label:
-                    continue
-                try:
-                    obj.destroy()
-                    destroyed += 1
-                except _STALE_HANDLE:
-                    pass  # another process destroyed it first
+            return _destroy_matching(self._live_session(), ref.object_id, ref.label)
+
+        destroyed = self._call(f"destroy {ref.label}", run, retry=False)
         if destroyed:
             log.info("hsm_key_destroyed label=%s objects=%d", ref.label, destroyed)
 
     def list_key_refs(self) -> set[KeyVersionRef]:
-        with _LOCK, self._mapped("list"):
+        def run() -> set[KeyVersionRef]:
             index = self._scan()
             # The pass is the index: keep it (drops entries of objects destroyed elsewhere).
             self._cache.objects = index
-            self._cache.public_der = {
-                r: d for r, d in self._cache.public_der.items() if r in index
-            }
+            self._cache.public_der = {r: d for r, d in self._cache.public_der.items() if r in index}
             self._cache.hmac_keys = {}  # re-checked on next use against the fresh objects
             self._cache.indexed = True
             return set(index)
+
+        return self._call("list", run, retry=True)
 
     def random(self, n: int) -> bytes:
         if n < 0:
             raise ValidationException("the number of random bytes must not be negative")
         if n == 0:
             return b""
-        with _LOCK:
-            try:
-                # python-pkcs11 counts in bits.
-                return _as_bytes(self._live_session().generate_random(n * 8))
-            except ckr.PKCS11Error as exc:
-                raise _kms_error(exc, what="random") from None
+        # python-pkcs11 counts in bits.
+        return self._call("random", lambda: _as_bytes(self._live_session().generate_random(n * 8)), retry=True)
 
     # ---------------------------------------------------------- symmetric
 
@@ -503,18 +683,6 @@ class Pkcs11Hsm:
         if len(iv) != GCM_IV_LEN:
             raise ValidationException(f"AES-GCM needs a {GCM_IV_LEN}-byte IV")
         params = GCMParams(iv, aad, GCM_TAG_LEN * 8)
-        with _LOCK:  # fast path: the cached key (one dict lookup, no closures)
-            objects = self._cache.objects.get(ref)
-            key = None if objects is None else objects.secret
-            if isinstance(key, EncryptMixin):
-                try:
-                    return _as_bytes(
-                        key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-                    )
-                except _STALE_HANDLE:
-                    self._cache.drop(ref)  # then the slow path looks it up again
-                except ckr.PKCS11Error as exc:
-                    raise _kms_error(exc, what="encrypt") from None
 
         def run(objects: _KeyObjects) -> bytes:
             key = objects.secret
@@ -619,21 +787,14 @@ class Pkcs11Hsm:
     def mac(self, ref: KeyVersionRef, algorithm: MacAlgorithm, message: bytes) -> bytes:
         mechanism = _HMAC_MECHANISMS[algorithm]
         message = bytes(message)
-        with _LOCK:  # fast path (every audit line takes one): a key already checked
-            checked = self._cache.hmac_keys.get(ref)
-            if checked is not None:
-                try:
-                    return _as_bytes(checked.sign(message, mechanism=mechanism))
-                except _STALE_HANDLE:
-                    self._cache.drop(ref)
-                except ckr.PKCS11Error as exc:
-                    raise _kms_error(exc, what=f"mac {algorithm}") from None
 
         def run(objects: _KeyObjects) -> bytes:
-            key = objects.secret
-            if not isinstance(key, SignMixin) or key.key_type is not KeyType.GENERIC_SECRET:
-                raise InvalidKeyUsageException(f"{ref.label} is not an HMAC key")
-            self._cache.hmac_keys[ref] = key
+            key = self._cache.hmac_keys.get(ref)  # checked once: key_type is a PKCS#11 call
+            if key is None:
+                secret = objects.secret
+                if not isinstance(secret, SignMixin) or secret.key_type is not KeyType.GENERIC_SECRET:
+                    raise InvalidKeyUsageException(f"{ref.label} is not an HMAC key")
+                key = self._cache.hmac_keys[ref] = secret
             return _as_bytes(key.sign(message, mechanism=mechanism))
 
         return self._with_objects(ref, f"mac {algorithm}", run)
@@ -680,7 +841,7 @@ class Pkcs11Hsm:
 
     def generate_data_key_pair(self, spec: DataKeyPairSpec) -> tuple[bytes, bytes]:
         """Generated by the HSM as exportable session objects, read once, then destroyed."""
-        with _LOCK, self._mapped(f"generate data key pair {spec}"):
+        def run() -> tuple[bytes, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]:
             public, private = _generate_pair(
                 self._live_session(),
                 spec.value,
@@ -690,20 +851,396 @@ class Pkcs11Hsm:
                 private_template=dict(_EXPORTABLE_TEMPLATE),
             )
             try:
-                public_der = _spki(public)
-                private_key = _private_key(private, spec.value)
+                return _spki(public), _private_key(private, spec.value)
             finally:
                 for obj in (private, public):
                     try:
                         obj.destroy()
+                    except _LOST:
+                        pass  # session objects die with the session
                     except ckr.PKCS11Error as exc:
                         log.warning("hsm_session_object_not_destroyed ckr=%s", type(exc).__name__)
+
+        # Session objects only: nothing persists, so a lost session is retried like a read.
+        public_der, private_key = self._call(f"generate data key pair {spec}", run, retry=True)
         private_der = private_key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
         return private_der, public_der
+
+    # ---------------------------------------------------------- import (BYOK)
+
+    def wrapping_algorithms(self) -> frozenset[str]:
+        """SHA-1 algorithms always; SHA-256 ones only if the module unwraps RSA-OAEP with
+        SHA-256 (SoftHSM2 2.6 does not: CKR_ARGUMENTS_BAD). Probed once per process
+        with a session RSA-1024 pair; the material is never decoded outside the HSM,
+        so there is no host-side fallback as decrypt_rsa_oaep has."""
+        if self._oaep_sha256 is None:
+            self._oaep_sha256 = self._call("probe OAEP SHA-256 unwrap", self._probe_oaep_sha256, retry=True)
+        if self._oaep_sha256:
+            return WRAPPING_ALGORITHMS
+        return frozenset({"RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"})
+
+    def _probe_oaep_sha256(self) -> bool:
+        public, private = self._live_session().generate_keypair(
+            KeyType.RSA,
+            1024,
+            store=False,
+            capabilities=MechanismFlag.UNWRAP | MechanismFlag.WRAP,
+            private_template={Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+            public_template={Attribute.TOKEN: False},
+        )
+        try:
+            assert isinstance(private, UnwrapMixin)
+            private.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                b"\x01" * 128,
+                mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=_OAEP_PARAMS["SHA_256"],
+                store=False,
+                capabilities=MechanismFlag(0),
+                template=dict(_SESSION_SECRET),
+            ).destroy()
+            return True
+        except (ckr.ArgumentsBad, ckr.MechanismParamInvalid, ckr.MechanismInvalid):
+            return False
+        except _LOST:
+            raise
+        except ckr.PKCS11Error:
+            return True  # the parameters were accepted; the (random) ciphertext was not
+        finally:
+            for obj in (private, public):
+                obj.destroy()
+
+    def create_wrapping_key(self, ref: KeyVersionRef, spec: str) -> bytes:
+        bits = WRAPPING_KEY_BITS.get(spec)
+        if bits is None:
+            raise ValidationException(f"WrappingKeySpec {spec} is not supported")
+        label, object_id = wrapping_label(ref), wrapping_object_id(ref)
+
+        def run() -> bytes:
+            session = self._live_session()
+            if any(True for _ in session.get_objects({Attribute.ID: object_id})):
+                raise AlreadyExistsException(f"the HSM already holds {label}")
+            public, private = session.generate_keypair(
+                KeyType.RSA,
+                bits,
+                id=object_id,
+                label=label,
+                store=True,
+                capabilities=MechanismFlag.UNWRAP,
+                public_template={**_PUBLIC_TEMPLATE, Attribute.VERIFY_RECOVER: False},
+                private_template={**_SECRET_TEMPLATE, Attribute.SIGN_RECOVER: False},
+            )
+            self._cache.wrapping[ref] = private
+            return _spki(public)
+
+        der = self._call(f"create {label}", run, retry=False)
+        log.info("hsm_wrapping_key_created label=%s spec=%s", label, spec)
+        return der
+
+    def destroy_wrapping_key(self, ref: KeyVersionRef) -> None:
+        def run() -> int:
+            self._cache.wrapping.pop(ref, None)
+            return _destroy_matching(self._live_session(), wrapping_object_id(ref), wrapping_label(ref))
+
+        if self._call(f"destroy {wrapping_label(ref)}", run, retry=False):
+            log.info("hsm_wrapping_key_destroyed label=%s", wrapping_label(ref))
+
+    def _wrapping_private(self, ref: KeyVersionRef) -> UnwrapMixin:
+        key = self._cache.wrapping.get(ref)
+        if key is None:
+            label = wrapping_label(ref)
+            with self._mapped("lookup"):
+                for obj in self._live_session().get_objects(
+                    {Attribute.ID: wrapping_object_id(ref), Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+                ):
+                    if obj[Attribute.LABEL] == label:
+                        key = obj
+            if key is None:
+                raise NotFoundException(f"no HSM object for {label}")
+            self._cache.wrapping[ref] = key
+        if not isinstance(key, UnwrapMixin):
+            raise KMSInternalException(f"{wrapping_label(ref)} cannot unwrap")
+        return key
+
+    def import_key(
+        self,
+        ref: KeyVersionRef,
+        spec: KeySpec,
+        usage: KeyUsage,
+        wrapping: KeyVersionRef,
+        algorithm: str,
+        wrapped: bytes,
+        public_key_der: bytes | None = None,
+    ) -> None:
+        """See :meth:`Hsm.import_key`. Every step is a C_UnwrapKey inside the HSM:
+
+        * RSAES_OAEP_SHA_1: OAEP into a session staging object (sensitive; extractable
+          only so that the next step can run), wrapped with AES-KWP under a session AES
+          key made in the HSM (only the ciphertext, under a key that never leaves the
+          HSM, is seen here; its length is the material's rounded up to 8 bytes), then
+          KWP-unwrapped into the token object.
+        * RSA_AES_KEY_WRAP_SHA_1 (no module here has CKM_RSA_AES_KEY_WRAP, and
+          python-pkcs11 cannot pass its parameters): OAEP into a session AES key
+          (UNWRAP only, sensitive, non-extractable), then CKM_AES_KEY_WRAP_PAD of the
+          material into the token object (PKCS#8 for RSA/ECC).
+
+        Length checks: the HSM reveals an unwrapped key's length only to 8 bytes (KWP;
+        SoftHSM2 reports CKA_VALUE_LEN 0). AES: 25..32 bytes plus an AES-GCM probe
+        (SoftHSM2 refuses AES keys of a non-AES size) = exactly 32. HMAC: a length up to
+        7 bytes under the minimum is accepted; an HMAC key that short is, under
+        RFC 2104's zero padding, the same key as the allowed one ending in zero bytes.
+        """
+        if usage not in keyspecs.ALLOWED_USAGES[spec]:
+            raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
+        check_import_algorithm(spec, algorithm)
+        if algorithm not in self.wrapping_algorithms():
+            raise UnsupportedOperationException(
+                f"{algorithm} is not supported by this HSM ({self._module}): it cannot unwrap "
+                "RSA-OAEP with SHA-256 inside the HSM. Use the _SHA_1 wrapping algorithm."
+            )
+        wrapped = bytes(wrapped)
+        secret = spec is KeySpec.SYMMETRIC_DEFAULT or spec in keyspecs.HMAC_KEY_BYTES
+
+        def run() -> None:
+            if not self._cache.indexed:
+                with self._mapped("lookup"):
+                    self._build_index()
+            if ref in self._cache.objects:
+                raise AlreadyExistsException(f"the HSM already holds {ref.label}")
+            unwrapper = self._wrapping_private(wrapping)
+            if secret:
+                objects = self._import_secret(ref, spec, usage, unwrapper, algorithm, wrapped)
+            else:
+                objects = self._import_pair(ref, spec, usage, unwrapper, wrapped, public_key_der)
+            self._cache.objects[ref] = objects
+
+        self._call(f"import {ref.label}", run, retry=False)
+        log.info("hsm_key_imported label=%s spec=%s usage=%s algorithm=%s", ref.label, spec, usage, algorithm)
+
+    def _import_secret(
+        self,
+        ref: KeyVersionRef,
+        spec: KeySpec,
+        usage: KeyUsage,
+        unwrapper: UnwrapMixin,
+        algorithm: str,
+        wrapped: bytes,
+    ) -> _KeyObjects:
+        session = self._live_session()
+        transient: list[Object] = []
+        try:
+            if algorithm in OAEP_ALGORITHMS:
+                if len(wrapped) != _modulus_len(unwrapper):
+                    raise InvalidCiphertextException(INVALID_CIPHERTEXT)
+                with self._mapped("unwrap", decrypt=True):
+                    staging = unwrapper.unwrap_key(
+                        ObjectClass.SECRET_KEY,
+                        KeyType.GENERIC_SECRET,
+                        wrapped,
+                        mechanism=Mechanism.RSA_PKCS_OAEP,
+                        mechanism_param=_OAEP_PARAMS[_hash_of(algorithm)],
+                        store=False,
+                        capabilities=MechanismFlag(0),
+                        template={**_SESSION_SECRET, Attribute.EXTRACTABLE: True},
+                    )
+                transient.append(staging)
+                kek = session.generate_key(
+                    KeyType.AES,
+                    256,
+                    store=False,
+                    capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                    template=dict(_SESSION_SECRET),
+                )
+                transient.append(kek)
+                assert isinstance(kek, WrapMixin) and isinstance(kek, UnwrapMixin)
+                blob = _as_bytes(kek.wrap_key(staging, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                outer: UnwrapMixin = kek
+            else:
+                outer, blob = self._ephemeral_aes(unwrapper, algorithm, wrapped, transient)
+            rounded = len(blob) - 8  # RFC 5649: 8-byte integrity block + material padded to 8
+            check_secret_length(spec, rounded - 7, rounded)
+            aes = spec is KeySpec.SYMMETRIC_DEFAULT
+            with self._mapped("unwrap", decrypt=True):
+                key = outer.unwrap_key(
+                    ObjectClass.SECRET_KEY,
+                    KeyType.AES if aes else KeyType.GENERIC_SECRET,
+                    blob,
+                    id=ref.object_id,
+                    label=ref.label,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    store=True,
+                    capabilities=_KEY_CAPABILITIES[usage],
+                    template=dict(_SECRET_TEMPLATE),
+                )
+            objects = _KeyObjects()
+            objects.add(key)
+            if aes:
+                try:
+                    _fingerprint_of(objects)  # SoftHSM2: MechanismInvalid for a key of a non-AES size
+                except ckr.PKCS11Error as exc:
+                    if isinstance(exc, _LOST):
+                        raise
+                    key.destroy()
+                    raise IncorrectKeyMaterialException(
+                        f"{spec} key material must be {SYMMETRIC_IMPORT_BYTES} bytes long."
+                    ) from None
+            return objects
+        finally:
+            _destroy_quietly(transient)
+
+    def _ephemeral_aes(
+        self, unwrapper: UnwrapMixin, algorithm: str, wrapped: bytes, transient: list[Object]
+    ) -> tuple[UnwrapMixin, bytes]:
+        """RSA_AES_KEY_WRAP step 1: OAEP-unwrap the ephemeral AES key into a session object."""
+        k = _modulus_len(unwrapper)
+        if len(wrapped) <= k + 8:
+            raise InvalidCiphertextException(INVALID_CIPHERTEXT)
+        with self._mapped("unwrap", decrypt=True):
+            aes = unwrapper.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                wrapped[:k],
+                mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=_OAEP_PARAMS[_hash_of(algorithm)],
+                store=False,
+                capabilities=MechanismFlag.UNWRAP,
+                template=dict(_SESSION_SECRET),
+            )
+        transient.append(aes)
+        assert isinstance(aes, UnwrapMixin)
+        return aes, wrapped[k:]
+
+    def _import_pair(
+        self,
+        ref: KeyVersionRef,
+        spec: KeySpec,
+        usage: KeyUsage,
+        unwrapper: UnwrapMixin,
+        wrapped: bytes,
+        public_key_der: bytes | None,
+    ) -> _KeyObjects:
+        session = self._live_session()
+        rsa_key = spec.value in _RSA_BITS
+        transient: list[Object] = []
+        created: list[Object] = []
+        try:
+            aes, blob = self._ephemeral_aes(unwrapper, "RSA_AES_KEY_WRAP_SHA_1", wrapped, transient)
+            template: dict[Attribute, Any] = {
+                # python-pkcs11's generic template carries public-key capabilities: drop them.
+                Attribute.ENCRYPT: DEFAULT,
+                Attribute.VERIFY: DEFAULT,
+                Attribute.WRAP: DEFAULT,
+                **({Attribute.SIGN_RECOVER: False} if rsa_key else {}),
+                # SoftHSM2 applies attributes in order: MODIFIABLE=false must come last.
+                **_SECRET_TEMPLATE,
+            }
+            try:
+                private = aes.unwrap_key(
+                    ObjectClass.PRIVATE_KEY,
+                    KeyType.RSA if rsa_key else KeyType.EC,
+                    blob,
+                    id=ref.object_id,
+                    label=ref.label,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    store=True,
+                    capabilities=_KEY_CAPABILITIES[usage],
+                    template=template,
+                )
+            except _LOST:
+                raise
+            except _WRAPPED_INVALID:
+                raise InvalidCiphertextException(INVALID_CIPHERTEXT) from None
+            except ckr.PKCS11Error:
+                raise IncorrectKeyMaterialException(
+                    f"The key material is not a PKCS#8 {spec} private key."
+                ) from None
+            created.append(private)
+            loaded = _check_private(private, spec)
+            public_der = self._matching_public(private, spec, usage, loaded, public_key_der)
+            public = session.create_object(_public_object_template(ref, usage, public_der))
+            created.append(public)
+            objects = _KeyObjects()
+            objects.add(private)
+            objects.add(public)
+            created.clear()
+            return objects
+        finally:
+            _destroy_quietly(transient)
+            _destroy_quietly(created)  # only on failure: a half-imported key is removed
+
+    def _matching_public(
+        self,
+        private: Object,
+        spec: KeySpec,
+        usage: KeyUsage,
+        loaded: rsa.RSAPublicKey | None,
+        public_key_der: bytes | None,
+    ) -> bytes:
+        """The public key's DER SPKI: read from an RSA private object, or the given one
+        for EC (checked against the private key by a signature or an ECDH in the HSM)."""
+        given: Any = None
+        if public_key_der is not None:
+            try:
+                given = serialization.load_der_public_key(bytes(public_key_der))
+            except (ValueError, UnsupportedAlgorithm):
+                raise IncorrectKeyMaterialException("The public key is not a DER SubjectPublicKeyInfo.") from None
+        if loaded is not None:
+            der = loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if given is not None and given.public_numbers() != loaded.public_numbers():
+                raise IncorrectKeyMaterialException("The public key does not match the imported private key.")
+            return der
+        curve = _CURVES[spec.value][1]
+        if not isinstance(given, ec.EllipticCurvePublicKey) or given.curve.name != curve.name:
+            raise IncorrectKeyMaterialException(
+                f"Importing a {spec} key on this HSM needs its public key (DER SPKI on {curve.name})."
+            )
+        if usage is KeyUsage.SIGN_VERIFY:
+            assert isinstance(private, SignMixin)
+            digest = hashlib.sha256(os.urandom(32)).digest()
+            raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+            half = len(raw) // 2
+            signature = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+            try:
+                given.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+            except InvalidSignature:
+                raise IncorrectKeyMaterialException(
+                    "The public key does not match the imported private key."
+                ) from None
+        else:
+            assert isinstance(private, DeriveMixin)
+            peer = ec.generate_private_key(curve)
+            point = peer.public_key().public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+            shared = private.derive_key(
+                KeyType.GENERIC_SECRET,
+                ((curve.key_size + 7) // 8) * 8,
+                store=False,
+                capabilities=MechanismFlag(0),
+                mechanism=Mechanism.ECDH1_DERIVE,
+                mechanism_param=(KDF.NULL, None, point),
+                template={Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+            )
+            try:
+                # A secret with a throwaway peer: it tells nothing about the imported key.
+                same = hmac.compare_digest(bytes(shared[Attribute.VALUE]), peer.exchange(ec.ECDH(), given))
+            finally:
+                shared.destroy()
+            if not same:
+                raise IncorrectKeyMaterialException("The public key does not match the imported private key.")
+        return bytes(
+            given.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+
+    def key_fingerprint(self, ref: KeyVersionRef) -> bytes:
+        if ref in self._cache.public_der:
+            return fingerprint("spki", self._cache.public_der[ref])
+        return self._with_objects(ref, "fingerprint", _fingerprint_of)
 
 
 # --------------------------------------------------------------- helpers
@@ -719,6 +1256,122 @@ def _login(token: Token, pin: str) -> Session:
         raise ConfigError(f"the token refused the PIN ({type(exc).__name__})") from None
     except ckr.PKCS11Error as exc:
         raise KMSInternalException(f"cannot open an HSM session: {type(exc).__name__}") from None
+
+
+
+def _find_token(lib: Pkcs11Lib, module: str, token_label: str) -> Token:
+    try:
+        token: Token = lib.get_token(token_label=token_label)
+        return token
+    except ckr.NoSuchToken:
+        raise ConfigError(
+            f"no token labelled {token_label!r} in {module} "
+            "(for SoftHSM2: check SOFTHSM2_CONF and that the token was initialised "
+            "before the module was loaded)"
+        ) from None
+    except ckr.MultipleTokensReturned:
+        raise ConfigError(f"several tokens are labelled {token_label!r}") from None
+
+
+def _destroy_matching(session: Session, object_id: bytes, label: str) -> int:
+    """Destroy every object with this CKA_ID and CKA_LABEL (one search); how many went."""
+    destroyed = 0
+    for obj in list(session.get_objects({Attribute.ID: object_id})):
+        if obj[Attribute.LABEL] != label:
+            continue
+        try:
+            obj.destroy()
+            destroyed += 1
+        except _STALE_HANDLE:
+            pass  # another process destroyed it first
+    return destroyed
+
+
+def _destroy_quietly(objects: list[Object]) -> None:
+    """Destroy transient objects; a lost session took them already."""
+    for obj in objects:
+        try:
+            obj.destroy()
+        except ckr.PKCS11Error as exc:
+            if not isinstance(exc, _LOST + _STALE_HANDLE):
+                log.warning("hsm_object_not_destroyed ckr=%s", type(exc).__name__)
+
+
+def _modulus_len(key: Object) -> int:
+    return len(bytes(key[Attribute.MODULUS]))
+
+
+def _hash_of(algorithm: str) -> str:
+    return "SHA_256" if algorithm.endswith("SHA_256") else "SHA_1"
+
+
+def _check_private(private: Object, spec: KeySpec) -> rsa.RSAPublicKey | None:
+    """IncorrectKeyMaterialException unless the unwrapped key has the spec's size or curve;
+    the RSA public key (from the private object's public attributes)."""
+    if spec.value in _RSA_BITS:
+        attrs = private.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+        modulus = int.from_bytes(attrs[Attribute.MODULUS], "big")
+        if modulus.bit_length() != _RSA_BITS[spec.value]:
+            raise IncorrectKeyMaterialException(f"The key material is not a {spec} private key.")
+        return rsa.RSAPublicNumbers(int.from_bytes(attrs[Attribute.PUBLIC_EXPONENT], "big"), modulus).public_key()
+    if bytes(private[Attribute.EC_PARAMS]) != _CURVES[spec.value][0]:
+        raise IncorrectKeyMaterialException(f"The key material is not a {spec} private key.")
+    return None
+
+
+def _der_octet_string_of(body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([0x04, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x04, 0x80 | len(size)]) + size + body
+
+
+def _public_object_template(ref: KeyVersionRef, usage: KeyUsage, der: bytes) -> dict[Attribute, Any]:
+    """A token public key object like the one generate_keypair makes for ``usage``."""
+    loaded = serialization.load_der_public_key(der)
+    template: dict[Attribute, Any] = {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.ID: ref.object_id,
+        Attribute.LABEL: ref.label,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.ENCRYPT: usage is KeyUsage.ENCRYPT_DECRYPT,
+        Attribute.VERIFY: usage is KeyUsage.SIGN_VERIFY,
+        Attribute.WRAP: False,
+        Attribute.VERIFY_RECOVER: False,
+        Attribute.DERIVE: False,
+    }
+    if isinstance(loaded, rsa.RSAPublicKey):
+        numbers = loaded.public_numbers()
+        template[Attribute.KEY_TYPE] = KeyType.RSA
+        template[Attribute.MODULUS] = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
+        template[Attribute.PUBLIC_EXPONENT] = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+    elif isinstance(loaded, ec.EllipticCurvePublicKey):
+        params = next(p for p, curve in _CURVES.values() if curve.name == loaded.curve.name)
+        point = loaded.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        template[Attribute.KEY_TYPE] = KeyType.EC
+        template[Attribute.EC_PARAMS] = params
+        template[Attribute.EC_POINT] = _der_octet_string_of(point)
+    else:
+        raise IncorrectKeyMaterialException("The public key is neither RSA nor EC.")
+    template[Attribute.MODIFIABLE] = False  # last: SoftHSM2 applies attributes in order
+    return template
+
+
+def _fingerprint_of(objects: _KeyObjects) -> bytes:
+    """See :func:`hsmkeys.hsm.base.fingerprint`; computed in the HSM with the key."""
+    if objects.public is not None:
+        return fingerprint("spki", _spki(objects.public))
+    key = objects.secret
+    if isinstance(key, EncryptMixin) and key.key_type is KeyType.AES:
+        params = GCMParams(FINGERPRINT_IV, FINGERPRINT_AAD, GCM_TAG_LEN * 8)
+        return fingerprint(
+            "aes", _as_bytes(key.encrypt(FINGERPRINT_BLOCK, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+        )
+    if isinstance(key, SignMixin):
+        return fingerprint("hmac", _as_bytes(key.sign(FINGERPRINT_MESSAGE, mechanism=Mechanism.SHA256_HMAC)))
+    raise InvalidKeyUsageException("the HSM object has no fingerprint")
 
 
 def _generate_pair(

@@ -2,7 +2,7 @@
 
 No key logic lives here: a request is authenticated (SigV4), parsed against the
 botocore model (:mod:`hsmkeys.server.wire`), passed to the KeyStore method inside a
-:func:`hsmkeys.context.call_context`, and its result or KMSError written back.
+:func:`hsmkeys.context.operation table entry (:meth:`KeyStore.invoke`), and its result or KMSError written back.
 
 Routes:
   ``POST /``         KMS JSON 1.1 (``X-Amz-Target: TrentService.<Op>``)
@@ -12,9 +12,12 @@ Routes:
 
 Every response carries ``x-amzn-RequestId`` (uuid4) and ``x-hsmkeys-worker`` (the
 serving process id, so tests can tell workers apart). KMS errors are
-``{"__type": code, "message": ...}`` with the error's status; any other exception is
-logged (type and stack frames only: messages may hold data) and answered as a 500
-KMSInternalException. Bodies over 1 MiB get 413 with a ValidationException body.
+``{"__type": code, "message": ...}`` with the error's status, except that an internal
+fault (a KMSInternalException, or any other exception) is answered as a 500
+KMSInternalException whose message is exactly ``internal error, request id <id>``:
+its details (exception type, stack frames, and a KMSInternalException's own message
+with PKCS#11 codes or paths; never another exception's message, which may hold
+request data) go to the ``hsmkeys.server`` log under that request id. Bodies over 1 MiB get 413 with a ValidationException body.
 
 KeyStore calls run directly on the event loop: they take tens of microseconds and the
 HSM backend serialises them per process anyway; processes, not threads, add capacity.
@@ -33,7 +36,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, Protocol
 
-from hsmkeys.context import CallContext, call_context
 from hsmkeys.errors import (
     KMSError,
     KMSInternalException,
@@ -91,7 +93,15 @@ class RequestMetrics(Protocol):
 class ServedKeyStore(Protocol):
     def check_health(self) -> None: ...
 
-    def audit_rejected(self, operation: str, outcome: str) -> None: ...
+    def audit_rejected(
+        self,
+        operation: str,
+        outcome: str,
+        *,
+        principal: str | None = None,
+        request_id: str | None = None,
+        source: str | None = None,
+    ) -> None: ...
 
 
 class _BodyTooLarge(Exception):
@@ -113,16 +123,24 @@ def _content_type(value: bytes) -> str:
 
 
 def _log_internal(event: str, request_id: str, operation: str, exc: BaseException) -> None:
-    # Frames only, never str(exc): an exception message may carry request data.
+    # Frames only, never str(exc): an exception message may carry request data. A
+    # KMSInternalException's message is ours (PKCS#11 code, path) and is logged.
     frames = ";".join(f"{f.filename}:{f.lineno}:{f.name}" for f in traceback.extract_tb(exc.__traceback__))
+    detail = exc.message if isinstance(exc, KMSInternalException) else ""
     log.error(
-        "event=%s request_id=%s operation=%s error=%s frames=%s",
+        "event=%s request_id=%s operation=%s error=%s detail=%r frames=%s",
         event,
         request_id,
         operation,
         type(exc).__name__,
+        detail,
         frames,
     )
+
+
+def _internal_error_body(request_id: str) -> bytes:
+    """What a client learns of an internal fault: that it happened, and where to look."""
+    return _error_body(KMSInternalException.code, f"internal error, request id {request_id}")
 
 
 class KmsApp:
@@ -136,8 +154,10 @@ class KmsApp:
         *,
         background: Sequence[BackgroundTask] = (),
         on_shutdown: Callable[[], None] | None = None,
+        secure: bool = False,
     ) -> None:
         self._keystore = keystore
+        self._secure = secure  # served over TLS: aws:SecureTransport
         self._verifier = verifier
         self._metrics = metrics
         self._dispatcher = Dispatcher(keystore)
@@ -261,21 +281,28 @@ class KmsApp:
             )
             return
 
-        # The KeyStore writes the audit line for everything from here on.
-        with call_context(CallContext(principal=principal, request_id=request_id, source=source)):
-            try:
-                out = operation.call(args)
-            except KMSError as exc:
-                if isinstance(exc, KMSInternalException):
-                    self._metrics.hsm_error(op_name)
-                status, out, outcome = exc.http_status, _error_body(exc.code, exc.message), exc.code
-            except Exception as exc:
-                _log_internal("internal_error", request_id, op_name, exc)
-                self._metrics.hsm_error(op_name)
-                status, outcome = 500, KMSInternalException.code
-                out = _error_body(outcome, "An internal error occurred.")
-            else:
-                status, outcome = 200, SUCCESS
+        # The KeyStore authorizes and writes the audit lines for everything from here on.
+        try:
+            out = operation.call(
+                args,
+                principal=principal,
+                request_id=request_id,
+                source=source,
+                secure_transport=self._secure,
+            )
+        except KMSInternalException as exc:
+            _log_internal("internal_error", request_id, op_name, exc)
+            self._metrics.hsm_error(op_name)
+            status, out, outcome = 500, _internal_error_body(request_id), exc.code
+        except KMSError as exc:
+            status, out, outcome = exc.http_status, _error_body(exc.code, exc.message), exc.code
+        except Exception as exc:
+            _log_internal("internal_error", request_id, op_name, exc)
+            self._metrics.hsm_error(op_name)
+            status, outcome = 500, KMSInternalException.code
+            out = _internal_error_body(request_id)
+        else:
+            status, outcome = 200, SUCCESS
         await self._respond(send, status, out, request_id)
         self._metrics.observe_request(op_name, outcome, time.perf_counter() - started)
 
@@ -292,16 +319,22 @@ class KmsApp:
         status: int | None = None,
     ) -> None:
         """Answer a request refused before the KeyStore, auditing the refusal."""
-        with call_context(CallContext(principal=principal, request_id=request_id, source=source)):
-            try:
-                self._keystore.audit_rejected(op_name, error.code)
-            except Exception as exc:  # the refusal is still answered; the failure is logged
-                _log_internal("audit_failed", request_id, op_name, exc)
-        message = error.message or "An internal error occurred."
+        try:
+            self._keystore.audit_rejected(
+                op_name, error.code, principal=principal, request_id=request_id, source=source
+            )
+        except Exception as exc:  # the refusal is still answered; the failure is logged
+            _log_internal("audit_failed", request_id, op_name, exc)
+        if isinstance(error, KMSInternalException):
+            if error.message:  # raised with details (an empty one was logged where caught)
+                _log_internal("internal_error", request_id, op_name, error)
+            body = _internal_error_body(request_id)
+        else:
+            body = _error_body(error.code, error.message)
         await self._respond(
             send,
             status or error.http_status,
-            _error_body(error.code, message),
+            body,
             request_id,
             close=status == 413,
         )

@@ -27,8 +27,22 @@ completes: it is synchronous on the event loop), then closes the KeyStore. The
 supervisor forwards the signal to its workers and waits for them.
 
 Readiness: once every worker has finished startup, ``listening on http://HOST:PORT``
-(the bound port, also with ``port=0``) is printed to stdout and flushed, then
-``ready(url)`` is called if given.
+(``https://`` with TLS; the bound port, also with ``port=0``) is printed to stdout
+and flushed, then ``ready(url)`` is called if given.
+
+TLS: with ``settings.server.tls_cert``/``tls_key`` every process serves HTTPS. The
+listening sockets stay plain TCP sockets (the SO_REUSEPORT group is made here);
+uvicorn hands each to ``loop.create_server(sock=..., ssl=context)``, which runs the
+handshake on every accepted connection. The pair is loaded once before binding so a
+bad file is one ConfigError. Plain HTTP on an address that is not loopback is
+refused unless ``insecure_http`` (a TLS-terminating proxy in front).
+
+Startup refusals (ConfigError): no principals, an unreadable (or group/other
+readable) secret, ``audit_log`` unset without ``no_audit``, a bad TLS pair, plain
+HTTP off loopback.
+
+Access log: with ``settings.server.access_log`` each process writes one line per
+request to the ``hsmkeys.access`` logger (:mod:`hsmkeys.server.accesslog`).
 
 Ephemeral mode (:func:`run_ephemeral`) serves a throwaway SoftHSM2 token and catalog in
 a temporary directory that is removed on exit.
@@ -42,8 +56,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
+import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -66,18 +82,29 @@ from typing import Any
 import uvicorn
 
 from hsmkeys.config import (
+    DEFAULT_ACCOUNT_ID,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_REGION,
+    ENV_PREFIX,
     HsmSettings,
     PrincipalSettings,
+    ServerSettings,
     Settings,
+    check_account_id,
+    check_region,
+    is_access_key_id,
     new_access_key_id,
     new_secret_access_key,
 )
 from hsmkeys.errors import ConfigError, KMSError
 from hsmkeys.hsm import softhsm
 from hsmkeys.keystore import KeyStore
-from hsmkeys.server.app import create_app
+from hsmkeys.server.accesslog import with_access_log
+from hsmkeys.server.app import ASGIApp, RequestMetrics, RequestVerifier, create_app
 from hsmkeys.server.metrics import Metrics
 from hsmkeys.server.sigv4 import Credential, SigV4Verifier
+from hsmkeys.server.tls import load_server_context
 
 __all__ = [
     "DEFAULT_HOST",
@@ -93,10 +120,9 @@ __all__ = [
 
 log = logging.getLogger("hsmkeys.server")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7300
 #: How long in-flight requests may run after SIGTERM before they are cancelled.
 GRACEFUL_SHUTDOWN_S = 30.0
+_TLS_CLOSE_WAIT_S = 1.0  # at shutdown, for a client's close_notify (see _run_until_stopped)
 _WORKER_STOP_EXTRA_S = 10.0  # beyond the grace period, before a worker is killed
 _MAX_RESTARTS = 5
 _RESTART_WINDOW_S = 60.0
@@ -115,27 +141,48 @@ class ServerError(Exception):
 def run_server(
     settings: Settings,
     *,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
+    host: str | None = None,
+    port: int | None = None,
     workers: int = 1,
     ready: Callable[[str], None] | None = None,
+    insecure_http: bool = False,
+    no_audit: bool = False,
 ) -> None:
     """Serve ``settings`` until SIGTERM/SIGINT; returns after a graceful shutdown.
 
-    Prints ``listening on <url>`` when every worker is ready, then calls ``ready(url)``.
-    Raises ConfigError (bad settings, port in use, a worker failing to start) or
-    ServerError (workers dying repeatedly).
+    ``host`` and ``port`` default to ``settings.server``'s. Prints ``listening on
+    <url>`` when every worker is ready, then calls ``ready(url)``. Raises ConfigError
+    (bad settings, ``audit_log`` unset without ``no_audit``, plain HTTP off loopback
+    without ``insecure_http``, port in use, a worker failing to start) or ServerError
+    (workers dying repeatedly).
     """
+    host = settings.server.host if host is None else host
+    port = settings.server.port if port is None else port
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     build_verifier(settings)  # fail before binding: no principals, unreadable secrets
+    if settings.audit_log is None and not no_audit:
+        raise ConfigError(
+            "audit_log: not set, so nothing would record who used which key; set audit_log "
+            f"in the config (or {ENV_PREFIX}AUDIT_LOG), or pass --no-audit to serve without one"
+        )
+    server = settings.server
+    if server.tls_cert is not None and server.tls_key is not None:
+        load_server_context(server.tls_cert, server.tls_key)
     _configure_logging()
     with _StopSignals() as stop:
         address = _resolve(host, port)
+        if not server.tls and not insecure_http and not address.is_loopback():
+            raise ConfigError(
+                f"refusing plain HTTP on {_host_port(address.address)}, which is not a loopback "
+                "address: requests carry plaintext and key material. Give a certificate "
+                "(--tls-cert/--tls-key or server.tls_cert/tls_key; hsmkeys init --self-signed-cert "
+                "makes one), or pass --insecure-http when a TLS-terminating proxy is in front"
+            )
         if workers == 1:
             sock = address.listen()
             try:
-                url = _url(host, sock.getsockname()[1])
+                url = _url(host, sock.getsockname()[1], tls=server.tls)
                 _serve(
                     settings,
                     sock,
@@ -147,7 +194,7 @@ def run_server(
                 sock.close()
         else:
             with _worker_listeners(address) as (listener, bound_port):
-                url = _url(host, bound_port)
+                url = _url(host, bound_port, tls=server.tls)
                 _Supervisor(settings, listener, workers, stop).run(
                     functools.partial(_announce, url, ready)
                 )
@@ -166,16 +213,21 @@ def run_ephemeral(
     workers: int = 1,
     ready: Callable[[str], None] | None = None,
     audit_log: Path | None = None,
-    region: str = "us-east-1",
-    account_id: str = "111122223333",
+    region: str | None = None,
+    account_id: str | None = None,
     maintenance_interval_seconds: float = 60.0,
+    server: ServerSettings | None = None,
+    insecure_http: bool = False,
 ) -> None:
     """Serve a throwaway SoftHSM2 token and catalog, removed on exit.
 
     The admin principal ``arn:aws:iam::<account>:user/admin`` uses AWS_ACCESS_KEY_ID /
     AWS_SECRET_ACCESS_KEY from the environment when both are set; otherwise a key
-    pair is generated and printed once. The audit log goes to ``audit_log`` if given,
-    else into the temporary directory; its path is printed at start.
+    pair is generated and printed once. ``region`` and ``account_id`` default to
+    HSMKEYS_REGION / HSMKEYS_ACCOUNT_ID, else us-east-1 / 111122223333. The audit log
+    goes to ``audit_log`` if given, else into the temporary directory; its path is
+    printed at start. ``server`` gives TLS and the access log (its host and port are
+    replaced by ``host`` and ``port``).
     """
     with tempfile.TemporaryDirectory(prefix="hsmkeys-ephemeral-") as tmp:
         settings, generated = ephemeral_settings(
@@ -186,9 +238,13 @@ def run_ephemeral(
             account_id=account_id,
             maintenance_interval_seconds=maintenance_interval_seconds,
         )
+        settings = dataclasses.replace(
+            settings, server=dataclasses.replace(server or ServerSettings(), host=host, port=port)
+        )
         assert settings.audit_log is not None
         print(f"ephemeral store in {tmp} (removed on exit)", flush=True)
         print(f"audit log: {settings.audit_log}", flush=True)
+        print(f"region: {settings.region} account: {settings.account_id}", flush=True)
         principal = settings.principals[0]
         if generated:
             print(f"principal: {principal.arn}", flush=True)
@@ -202,7 +258,7 @@ def run_ephemeral(
             )
         conf = Path(tmp) / softhsm.CONF_NAME
         with _environ("SOFTHSM2_CONF", str(conf)):
-            run_server(settings, host=host, port=port, workers=workers, ready=ready)
+            run_server(settings, workers=workers, ready=ready, insecure_http=insecure_http)
 
 
 def ephemeral_settings(
@@ -210,30 +266,46 @@ def ephemeral_settings(
     *,
     env: Mapping[str, str],
     audit_log: Path | None = None,
-    region: str = "us-east-1",
-    account_id: str = "111122223333",
+    region: str | None = None,
+    account_id: str | None = None,
     maintenance_interval_seconds: float = 60.0,
 ) -> tuple[Settings, bool]:
     """Make a SoftHSM2 token, PIN and admin credential under ``directory``.
 
     Returns the settings and whether the credentials were generated (rather than
-    taken from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in ``env``). Serving them
-    needs ``SOFTHSM2_CONF=<directory>/softhsm2.conf`` in the environment before the
-    PKCS#11 module is loaded (:func:`run_ephemeral` does that).
+    taken from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in ``env``). ``region`` and
+    ``account_id`` default to HSMKEYS_REGION / HSMKEYS_ACCOUNT_ID in ``env``, else
+    us-east-1 / 111122223333. Serving them needs
+    ``SOFTHSM2_CONF=<directory>/softhsm2.conf`` in the environment before the PKCS#11
+    module is loaded (:func:`run_ephemeral` does that). ConfigError for a bad region,
+    account id or AWS_ACCESS_KEY_ID (the config file's rules), checked before the
+    token is made.
     """
     directory = directory.resolve()
-    module = softhsm.find_module()
-    conf = softhsm.write_conf(directory)
-    pin = secrets.token_hex(8)
-    softhsm.init_token(conf, _EPHEMERAL_LABEL, pin, secrets.token_hex(8))
-    pin_file = _secret_file(directory / "pin", pin)
-
+    region = check_region(
+        region or env.get(f"{ENV_PREFIX}REGION") or DEFAULT_REGION,
+        f"region (--region or {ENV_PREFIX}REGION)",
+    )
+    account_id = check_account_id(
+        account_id or env.get(f"{ENV_PREFIX}ACCOUNT_ID") or DEFAULT_ACCOUNT_ID,
+        f"account_id (--account-id or {ENV_PREFIX}ACCOUNT_ID)",
+    )
     access_key_id = env.get("AWS_ACCESS_KEY_ID", "")
     secret_access_key = env.get("AWS_SECRET_ACCESS_KEY", "")
     generated = not (access_key_id and secret_access_key)
     if generated:
         access_key_id = new_access_key_id()
         secret_access_key = new_secret_access_key()
+    elif not is_access_key_id(access_key_id):
+        raise ConfigError(
+            "AWS_ACCESS_KEY_ID: 1-128 letters, digits or underscores, "
+            f"as for principals in a config file; got {access_key_id!r}"
+        )
+    module = softhsm.find_module()
+    conf = softhsm.write_conf(directory)
+    pin = secrets.token_hex(8)
+    softhsm.init_token(conf, _EPHEMERAL_LABEL, pin, secrets.token_hex(8))
+    pin_file = _secret_file(directory / "pin", pin)
     secret_file = _secret_file(directory / "admin-secret", secret_access_key)
 
     settings = Settings(
@@ -393,10 +465,15 @@ def _serve(
     keystore.preload()  # before the first request, not during it
     close = _Once(keystore.close)
     try:
+        served_verifier: RequestVerifier = verifier
+        metrics: RequestMetrics = Metrics()
+        wrap: Callable[[ASGIApp], ASGIApp] = _unwrapped
+        if settings.server.access_log:
+            served_verifier, metrics, wrap = with_access_log(verifier, metrics)
         app = create_app(
             keystore,
-            verifier,
-            Metrics(),
+            served_verifier,
+            metrics,
             background=(
                 functools.partial(
                     _maintenance_loop, keystore, settings.maintenance_interval_seconds, lock
@@ -404,14 +481,18 @@ def _serve(
             ),
             on_shutdown=close,
         )
+        tls = settings.server
         config = uvicorn.Config(
-            app,
+            wrap(app),
             lifespan="on",
             log_config=None,  # the process's logging setup applies (see _configure_logging)
-            access_log=False,  # the audit log records every request
+            access_log=False,  # ours (hsmkeys.access) logs the authenticated caller instead
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S),
+            # uvicorn wraps each accepted connection of our plain listening socket.
+            ssl_certfile=str(tls.tls_cert) if tls.tls_cert is not None else None,
+            ssl_keyfile=str(tls.tls_key) if tls.tls_key is not None else None,
         )
         server = uvicorn.Server(config)
         if not stop.is_set():
@@ -431,6 +512,7 @@ async def _run_until_stopped(
 ) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     announced = False
+    closing_since: dict[int, float] = {}
     while not serving.done():
         # A signal that arrived before uvicorn installed its handlers landed in ours.
         if stop.is_set() or (parent_pid is not None and os.getppid() != parent_pid):
@@ -438,8 +520,30 @@ async def _run_until_stopped(
         if server.started and not announced:
             announced = True
             on_started()
-        await asyncio.wait({serving}, timeout=0.01 if not announced else 0.5)
+        if server.should_exit:
+            _abort_unanswered_tls_closes(server, closing_since)
+        await asyncio.wait(
+            {serving}, timeout=0.01 if not announced else 0.1 if server.should_exit else 0.5
+        )
     await serving
+
+
+def _abort_unanswered_tls_closes(server: uvicorn.Server, closing_since: dict[int, float]) -> None:
+    """Abort connections uvicorn closed at shutdown that wait for the client's TLS close_notify.
+
+    uvicorn closes idle keep-alive connections when it stops; over TLS that sends a
+    close_notify and waits (asyncio's ssl_shutdown_timeout, 30 s) for the client's,
+    which a pooled, idle client never sends: shutdown would take the whole grace period.
+    A connection closing with nothing left to write for ``_TLS_CLOSE_WAIT_S`` is aborted.
+    """
+    now = time.monotonic()
+    for connection in list(server.server_state.connections):
+        transport = getattr(connection, "transport", None)
+        if transport is None or not transport.is_closing() or transport.get_write_buffer_size():
+            continue
+        first_seen = closing_since.setdefault(id(connection), now)
+        if now - first_seen >= _TLS_CLOSE_WAIT_S:
+            transport.abort()
 
 
 # ------------------------------------------------------------------ supervisor
@@ -629,6 +733,14 @@ class _Address:
     def listen(self) -> socket.socket:
         return self.bind(listen=True)
 
+    def is_loopback(self) -> bool:
+        """Whether only this host can connect (127.0.0.0/8, ::1), not a wildcard or interface."""
+        host = str(self.address[0]).partition("%")[0]  # an IPv6 scope id is not part of it
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
 
 #: What a worker is given: a socket shared by all workers, or an address it binds itself.
 _Listener = socket.socket | _Address
@@ -679,8 +791,13 @@ def _host_port(address: tuple[Any, ...]) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, *, tls: bool = False) -> str:
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _unwrapped(app: ASGIApp) -> ASGIApp:
+    return app
 
 
 def _configure_logging() -> None:

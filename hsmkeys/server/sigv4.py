@@ -28,7 +28,9 @@ Errors (all from :mod:`hsmkeys.errors`), in the order they are checked:
   Credential/SignedHeaders/Signature, not key=value, credential not 5 parts),
   X-Amz-Date missing or not ISO-8601 basic, presigned query, a signed header
   absent from the request.
-- InvalidSignatureException: Host or X-Amz-Date not signed, scope region,
+- InvalidSignatureException: Host, X-Amz-Date, X-Amz-Target or Content-Type not
+  signed (boto3, the aws CLI and the Encryption SDK sign all four; unsigned, a
+  captured request could be replayed as another operation), scope region,
   service, terminator or date wrong, X-Amz-Date outside ``max_skew``, payload
   hash header wrong or unsigned, signature mismatch.
 - UnrecognizedClientException: unknown access key id, or a session token.
@@ -66,6 +68,13 @@ _MISMATCH = (
 # str.split() also splits on the ASCII separators 0x1c-0x1f; bytes.split() does not.
 _ASCII_SEPARATORS_TO_SPACE = bytes.maketrans(b"\x1c\x1d\x1e\x1f", b"    ")
 _PRESIGNED_QUERY_KEYS = ("X-Amz-Algorithm=", "X-Amz-Credential=", "X-Amz-Signature=")
+# Every KMS request must sign these (as AWS requires Host and X-Amz-Date, AWS's message).
+_REQUIRED_SIGNED_HEADERS = (
+    (b"host", "'Host' or ':authority'"),
+    (b"x-amz-date", "'X-Amz-Date'"),
+    (b"x-amz-target", "'X-Amz-Target'"),
+    (b"content-type", "'Content-Type'"),
+)
 # Headers whose meaning would be ambiguous if repeated.
 _SINGLE_VALUED = (b"authorization", b"x-amz-date", b"x-amz-content-sha256", b"host")
 # Within max_skew at most two dates are live; a small bound keeps the cache tiny.
@@ -172,14 +181,11 @@ class SigV4Verifier:
         signed_names = sorted({name.lower() for name in signed_value.split(b";")})
         if not signed_names[0]:
             raise IncompleteSignatureException("SignedHeaders contains an empty header name.")
-        if b"host" not in signed_names:
-            raise InvalidSignatureException(
-                "'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization."
-            )
-        if b"x-amz-date" not in signed_names:
-            raise InvalidSignatureException(
-                "'X-Amz-Date' must be a 'SignedHeader' in the AWS Authorization."
-            )
+        for name, label in _REQUIRED_SIGNED_HEADERS:
+            if name not in signed_names:
+                raise InvalidSignatureException(
+                    f"{label} must be a 'SignedHeader' in the AWS Authorization."
+                )
 
         scope = credential_value.split(b"/")
         if len(scope) != 5:

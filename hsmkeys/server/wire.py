@@ -7,7 +7,7 @@ bound to the KeyStore method named ``botocore.xform_name(OperationName)``.
 Request handling, in order (each step raises a KMSError subclass):
 
 * ``X-Amz-Target`` not ``TrentService.<Op>`` of the model -> UnknownOperationException
-* the KeyStore has no method for the operation -> UnsupportedOperationException
+* the operation is not in the operation table -> UnsupportedOperationException
 * body not a JSON object, a member of the wrong JSON type, bad base64, a null list
   or map element -> SerializationException (the smithy "malformed request" rule)
 * a missing required member or a broken length/range/enum/pattern constraint ->
@@ -51,6 +51,7 @@ from hsmkeys.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from hsmkeys.operations import OPERATIONS, Operation
 
 TARGET_PREFIX = "TrentService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -518,50 +519,55 @@ def _is_empty(value: object) -> bool:
 
 
 class BoundOperation:
-    """One operation bound to a KeyStore method (or to nothing, when the KeyStore lacks it)."""
+    """One model operation bound to its entry in the operation table (or to nothing).
 
-    __slots__ = ("_method", "_needed", "_unsupported", "name", "wire")
+    An operation the table does not declare is answered UnsupportedOperationException.
+    """
 
-    def __init__(self, wire: OperationWire, method: Callable[..., object] | None) -> None:
+    __slots__ = ("_invoke", "_needed", "_op", "_unsupported", "name", "wire")
+
+    def __init__(
+        self, wire: OperationWire, op: Operation[Any, Any] | None, invoke: Callable[..., object] | None
+    ) -> None:
         self.name = wire.name
         self.wire = wire
-        self._method = method
+        self._op = op
+        self._invoke = invoke
         self._unsupported: tuple[tuple[str, str], ...] = ()  # (attr, wire name) not accepted
-        # Members the model leaves optional but the KeyStore method cannot do without
+        # Members the model leaves optional but the implementation cannot do without
         # (newer models relax e.g. Decrypt's CiphertextBlob): (attr, message path).
         self._needed: tuple[tuple[str, str], ...] = ()
-        if method is None:
+        if op is None:
             return
-        parameters = inspect.signature(method).parameters
+        parameters = op.parameters
         self._needed = tuple(
             (m.attr, m.path)
             for m in wire.members
             if not m.required
             and m.attr in parameters
             and parameters[m.attr].default is inspect.Parameter.empty
-            and parameters[m.attr].kind is not inspect.Parameter.VAR_KEYWORD
         )
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            accepted = {m.attr for m in wire.members}
-        else:
-            accepted = set(parameters)
         self._unsupported = tuple(
             (m.attr, m.wire)
             for m in wire.members
-            if m.attr not in accepted or not _accepts_input_structures(wire.member_shapes[m.wire])
+            if m.attr not in parameters or not _accepts_input_structures(wire.member_shapes[m.wire])
         )
 
     @property
     def supported(self) -> bool:
-        return self._method is not None
+        return self._op is not None
+
+    @property
+    def operation(self) -> Operation[Any, Any] | None:
+        return self._op
 
     def parse(self, body: bytes) -> dict[str, Any]:
-        """KeyStore keyword arguments from a request body.
+        """Keyword arguments for the operation from a request body.
 
         Raises UnsupportedOperationException (operation or a set member not served),
         SerializationException (malformed JSON or types), ValidationException (constraints).
         """
-        if self._method is None:
+        if self._op is None:
             raise UnsupportedOperationException(f"{self.name} is not supported by this server")
         args = self.wire.read(decode_body(body))
         missing = [
@@ -578,10 +584,26 @@ class BoundOperation:
                 del args[attr]
         return args
 
-    def call(self, args: dict[str, Any]) -> bytes:
-        """Call the KeyStore method and return the response body; its KMSErrors propagate."""
-        assert self._method is not None  # parse() refused unsupported operations already
-        return self.wire.write(self._method(**args))
+    def call(
+        self,
+        args: dict[str, Any],
+        *,
+        principal: str | None = None,
+        request_id: str | None = None,
+        source: str | None = None,
+        secure_transport: bool = False,
+    ) -> bytes:
+        """Run the operation for a caller and return the response body; KMSErrors propagate."""
+        assert self._invoke is not None and self._op is not None  # parse() refused the rest
+        result = self._invoke(
+            self._op,
+            args,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            secure_transport=secure_transport,
+        )
+        return self.wire.write(result)
 
 
 class Dispatcher:
@@ -591,10 +613,11 @@ class Dispatcher:
 
     def __init__(self, keystore: object, wire: KmsWire | None = None) -> None:
         wire = KmsWire.load() if wire is None else wire
+        invoke = getattr(keystore, "invoke", None)
         by_target: dict[str, BoundOperation] = {}
-        for name, op in wire.operations.items():
-            method = getattr(keystore, op.method_name, None)
-            by_target[TARGET_PREFIX + name] = BoundOperation(op, method if callable(method) else None)
+        for name, op_wire in wire.operations.items():
+            op = OPERATIONS.get(name) if callable(invoke) else None
+            by_target[TARGET_PREFIX + name] = BoundOperation(op_wire, op, invoke)
         self._by_target = by_target
 
     def find(self, target: str | None) -> BoundOperation | None:

@@ -5,8 +5,13 @@
         key_id = client.create_key()["KeyMetadata"]["KeyId"]
 
 The server serves a SoftHSM2 token and catalog of its own, removed when it stops, on
-127.0.0.1 at a free port. It is stopped with SIGTERM (``stop()`` or leaving the
-``with`` block). The pytest plugin's ``hsmkeys_kms`` fixture is one per session.
+127.0.0.1 at a free port, with an audit log in that temporary directory. It is stopped
+with SIGTERM (``stop()`` or leaving the ``with`` block). The pytest plugin's
+``hsmkeys_kms`` fixture is one per session.
+
+HTTPS: pass ``tls_cert`` and ``tls_key`` (e.g. made by
+:func:`hsmkeys.server.tls.write_self_signed_cert`); ``client()`` then trusts
+``tls_cert`` (``ca_bundle``), as ``AWS_CA_BUNDLE`` would.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from hsmkeys.config import new_access_key_id, new_secret_access_key
+from hsmkeys.config import is_access_key_id, new_access_key_id, new_secret_access_key
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
@@ -36,14 +41,15 @@ REGION = "us-east-1"  # what ``serve --ephemeral`` signs for
 STOP_TIMEOUT_S = 30.0
 # Settings the caller's shell may carry that would point the child at other keys.
 _NOT_INHERITED = ("AWS_", "HSMKEYS_")
-_LISTENING = re.compile(r"listening on (http://(127\.0\.0\.1):(\d+))")
+_LISTENING = re.compile(r"listening on (https?://(127\.0\.0\.1):(\d+))")
+_SCOPE = re.compile(r"region: (\S+) account: (\d{12})")
 
 
 @dataclass(frozen=True, slots=True)
 class EphemeralKms:
     """A running ``hsmkeys serve --ephemeral`` and the credentials it accepts."""
 
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT, or https://
     host: str
     port: int
     audit_log: Path  # removed with the server's store unless placed elsewhere
@@ -52,11 +58,13 @@ class EphemeralKms:
     region: str
     output: list[str] = field(repr=False)  # the server's stdout lines so far
     process: subprocess.Popen[str] = field(repr=False)
+    account_id: str = "111122223333"
+    ca_bundle: Path | None = None  # the certificate to trust when serving HTTPS
 
     def client(self, **kwargs: Any) -> KMSClient:
         """A boto3 ``kms`` client for this server; ``kwargs`` override the defaults
-        (endpoint, region, credentials; a ``config`` is merged over
-        ``retries={"max_attempts": 1}``). Raises ImportError without boto3."""
+        (endpoint, region, credentials, ``verify=ca_bundle`` over HTTPS; a ``config`` is
+        merged over ``retries={"max_attempts": 1}``). Raises ImportError without boto3."""
         import boto3
         from botocore.config import Config
 
@@ -68,6 +76,7 @@ class EphemeralKms:
             "region_name": self.region,
             "aws_access_key_id": self.access_key_id,
             "aws_secret_access_key": self.secret_access_key,
+            **({"verify": str(self.ca_bundle)} if self.ca_bundle is not None else {}),
             **kwargs,
         }
         client: KMSClient = boto3.client("kms", config=config, **options)
@@ -103,9 +112,11 @@ def start_ephemeral_kms(
     secret_access_key: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 60,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> EphemeralKms:
     """Start ``python -m hsmkeys serve --ephemeral --host 127.0.0.1 --port 0 SERVE_ARGS``
-    and wait until it is listening.
+    and wait until it is listening; with ``tls_cert`` and ``tls_key``, over HTTPS.
 
     Credentials not given are generated; they reach the server as AWS_ACCESS_KEY_ID /
     AWS_SECRET_ACCESS_KEY. The child does not inherit the caller's AWS_*, HSMKEYS_* or
@@ -114,9 +125,18 @@ def start_ephemeral_kms(
     ``env`` make the server generate (and print) a pair, which then become its own.
     The server's log goes to the caller's stderr.
 
-    Raises RuntimeError (with the server's output) if it exits or is not listening
-    within ``timeout`` seconds; it is killed then.
+    Raises ValueError for an access key id the server would refuse (1-128 of
+    ``[A-Za-z0-9_]``, as in a config file) or only one of ``tls_cert``/``tls_key``;
+    RuntimeError (with the server's output) if it exits or is not listening within
+    ``timeout`` seconds; it is killed then.
     """
+    if access_key_id is not None and not is_access_key_id(access_key_id):
+        raise ValueError(f"access_key_id: 1-128 letters, digits or underscores, got {access_key_id!r}")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("give both tls_cert and tls_key, or neither")
+    tls_args = () if tls_cert is None or tls_key is None else (
+        "--tls-cert", str(Path(tls_cert).resolve()), "--tls-key", str(Path(tls_key).resolve()),
+    )  # fmt: skip
     if access_key_id is None:
         access_key_id = new_access_key_id()
     if secret_access_key is None:
@@ -134,7 +154,7 @@ def start_ephemeral_kms(
     }
     command = [
         sys.executable, "-m", "hsmkeys", "serve", "--ephemeral",
-        "--host", "127.0.0.1", "--port", "0", *serve_args,
+        "--host", "127.0.0.1", "--port", "0", *tls_args, *serve_args,
     ]  # fmt: skip
     process = subprocess.Popen(
         command,
@@ -158,6 +178,7 @@ def start_ephemeral_kms(
     threading.Thread(target=pump, name="hsmkeys-kms-stdout", daemon=True).start()
     deadline = time.monotonic() + timeout
     audit_log: Path | None = None
+    scope: re.Match[str] | None = None
     printed: dict[str, str] = {}
     while True:
         try:
@@ -171,6 +192,8 @@ def start_ephemeral_kms(
             raise RuntimeError(f"hsmkeys server exited with {process.returncode}: {output}")
         if line.startswith("audit log: "):
             audit_log = Path(line.removeprefix("audit log: "))
+        elif found := _SCOPE.fullmatch(line):
+            scope = found
         elif line.startswith(("AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=")):
             name, value = line.split("=", 1)
             printed[name] = value
@@ -189,7 +212,9 @@ def start_ephemeral_kms(
                 secret_access_key=printed.get(
                     "AWS_SECRET_ACCESS_KEY", child_env["AWS_SECRET_ACCESS_KEY"]
                 ),
-                region=REGION,
+                region=scope[1] if scope is not None else REGION,
                 output=output,
                 process=process,
+                account_id=scope[2] if scope is not None else "111122223333",
+                ca_bundle=Path(tls_cert).resolve() if tls_cert is not None else None,
             )

@@ -6,10 +6,12 @@ Asymmetric keys are slow to make (RSA-4096 ~1.7 s), so one KeyStore and one key 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pkcs11
+import pkcs11.exceptions
 import pytest
 from hsm_shared import SharedKeys
 from pkcs11.types import Session
@@ -35,12 +37,18 @@ def shared_keys(shared_store: KeyStore) -> SharedKeys:
     return SharedKeys(shared_store)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def raw_session(hsm: Pkcs11Hsm, softhsm_token: SoftHsmToken) -> Iterator[Session]:
-    """A python-pkcs11 session of our own on the token (``hsm`` has logged the process in)."""
+    """A python-pkcs11 session of our own on the token (``hsm`` has logged the process in).
+
+    Per module: the session-recovery tests re-initialise the module, which ends every
+    session of the process (``hsm`` opens a new one by itself).
+    """
+    hsm.random(1)  # make sure the process is logged in (after a re-initialisation too)
     token = pkcs11.lib(softhsm_token.module).get_token(token_label=softhsm_token.label)
     session = token.open(rw=True)
     try:
         yield session
     finally:
-        session.close()
+        with contextlib.suppress(pkcs11.exceptions.PKCS11Error):  # void after a re-initialisation
+            session.close()

@@ -1,70 +1,78 @@
-"""The audit log: line format, chain verification, tamper detection, concurrent writers."""
+"""The audit log writer: line format, checkpoints, rotation, recovery markers, failures."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
-import multiprocessing
 import os
-import threading
-from collections.abc import Callable
+import shutil
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from hsmkeys import audit
 from hsmkeys.audit import (
-    GENESIS_PREV,
     AuditEvent,
     AuditLog,
-    verify_audit_log,
+    AuditVerification,
+    audit_log_files,
     verify_audit_logs,
 )
+from hsmkeys.catalog.base import AuditCheckpoint
 from hsmkeys.errors import KMSInternalException
 
 KEY = b"k" * 32
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ARN = "arn:aws:kms:eu-west-1:111122223333:key/0d2b4c1e-0000-4000-8000-000000000001"
+ARN2 = "arn:aws:kms:eu-west-1:111122223333:key/0d2b4c1e-0000-4000-8000-000000000002"
+SLOW = 3600.0  # checkpoint_seconds that never elapses within a test
 
 
 def hmac_sha256(data: bytes) -> bytes:
     return hmac.new(KEY, data, hashlib.sha256).digest()
 
 
-def other_key_mac(data: bytes) -> bytes:
-    return hmac.new(b"x" * 32, data, hashlib.sha256).digest()
+class MemoryCheckpoints:
+    """The catalog's checkpoint table, in memory."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, AuditCheckpoint] = {}
+
+    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
+        return self.stored.get(log_id)
+
+    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        self.stored[checkpoint.log_id] = checkpoint
 
 
-def event(i: int = 0, **changes: object) -> AuditEvent:
-    base = AuditEvent(
-        time=T0 + timedelta(seconds=i),
-        request_id=f"req-{i}",
-        principal="arn:aws:iam::111122223333:user/alice",
-        operation="Encrypt",
-        key_arn=ARN,
-        key_version=1,
-        source="10.0.0.7",
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+def event(i: int = 0, **changes: Any) -> AuditEvent:
+    fields: dict[str, Any] = {
+        "time": T0 + timedelta(seconds=i),
+        "request_id": f"req-{i}",
+        "principal": "arn:aws:iam::111122223333:user/alice",
+        "operation": "Encrypt",
+        "key_arns": (ARN,),
+        "key_version": 1,
+        "decision": "allow key-policy:Sid1",
+        "source": "10.0.0.7",
+    }
+    fields.update(changes)
+    return AuditEvent(**fields)
 
 
-def write_log(path: Path, count: int) -> None:
-    with AuditLog(path, hmac_sha256) as log:
-        for i in range(count):
-            log.record(event(i))
+def objects(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def lines_of(path: Path) -> list[bytes]:
-    return path.read_bytes().splitlines(keepends=True)
-
-
-def rewrite(path: Path, lines: list[bytes]) -> None:
-    path.write_bytes(b"".join(lines))
+def verify(
+    paths: list[Path], store: MemoryCheckpoints | None = None, log_id: Path | None = None
+) -> AuditVerification:
+    checkpoint = None
+    if store is not None:
+        checkpoint = store.get_audit_checkpoint(str((log_id or paths[-1]).resolve()))
+    return verify_audit_logs(paths, hmac_sha256, checkpoint=checkpoint)
 
 
 @pytest.fixture
@@ -72,449 +80,343 @@ def log_path(tmp_path: Path) -> Path:
     return tmp_path / "audit.log"
 
 
-# --- format ---------------------------------------------------------------------------
+# --- the event -------------------------------------------------------------------------
 
 
-def test_first_line_is_genesis_then_one_canonical_line_per_event(log_path: Path) -> None:
-    write_log(log_path, 2)
-    raw = lines_of(log_path)
-    assert len(raw) == 3
-    objs = [json.loads(line) for line in raw]
-    for line, obj in zip(raw, objs, strict=True):
-        canonical = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
-        assert line == canonical.encode()
-    assert objs[0] == {
-        "follows": None,
-        "genesis": True,
-        "mac": objs[0]["mac"],
-        "prev": GENESIS_PREV,
-        "time": "2026-03-01T12:00:00.123456Z",
-    }
-    assert objs[1] == {
-        "key_arn": ARN,
-        "key_version": 1,
-        "mac": objs[1]["mac"],
-        "operation": "Encrypt",
-        "outcome": "Success",
-        "prev": objs[0]["mac"],
-        "principal": "arn:aws:iam::111122223333:user/alice",
-        "request_id": "req-0",
-        "source": "10.0.0.7",
-        "time": "2026-03-01T12:00:00.123456Z",
-    }
-    assert objs[2]["prev"] == objs[1]["mac"]
-
-
-def test_mac_is_hmac_of_previous_mac_and_line_without_mac(log_path: Path) -> None:
-    write_log(log_path, 3)
-    prev = GENESIS_PREV
-    for line in lines_of(log_path):
-        obj = json.loads(line)
-        tag = obj.pop("mac")
-        body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-        assert tag == hmac_sha256(bytes.fromhex(prev) + body).hex()
-        prev = tag
-
-
-def test_time_is_written_in_utc_with_microseconds(log_path: Path) -> None:
-    plus2 = timezone(timedelta(hours=2))
-    with AuditLog(log_path, hmac_sha256) as log:
-        log.record(event(time=datetime(2026, 3, 1, 14, 0, 0, tzinfo=plus2)))
-    assert json.loads(lines_of(log_path)[1])["time"] == "2026-03-01T12:00:00.000000Z"
-
-
-def test_naive_event_time_is_rejected() -> None:
+def test_event_with_naive_time_is_rejected() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        event(time=datetime(2026, 3, 1, 12, 0, 0))
+        event(time=datetime(2026, 3, 1, 12, 0))
 
 
-def test_audit_event_has_no_field_for_secrets() -> None:
-    names = {f.name for f in dataclasses.fields(AuditEvent)}
-    assert names == {
+def test_event_with_unknown_phase_is_rejected() -> None:
+    with pytest.raises(ValueError, match="phase"):
+        event(phase="maybe")
+
+
+def test_event_fields_are_the_documented_ones_in_order() -> None:
+    names = [f for f in AuditEvent.__dataclass_fields__]
+    assert names == [
         "time",
         "request_id",
         "principal",
         "operation",
-        "key_arn",
+        "phase",
+        "key_arns",
         "key_version",
         "outcome",
+        "decision",
         "source",
-    }
-
-
-text = st.text(st.characters(codec="utf-8"), max_size=40)
-
-
-@settings(max_examples=60, deadline=None)
-@given(principal=st.none() | text, operation=text, outcome=text, source=st.none() | text)
-def test_any_text_round_trips_as_one_verifiable_line(
-    tmp_path_factory: pytest.TempPathFactory,
-    principal: str | None,
-    operation: str,
-    outcome: str,
-    source: str | None,
-) -> None:
-    path = tmp_path_factory.mktemp("prop") / "audit.log"
-    ev = event(principal=principal, operation=operation, outcome=outcome, source=source)
-    with AuditLog(path, hmac_sha256) as log:
-        log.record(ev)
-    raw = lines_of(path)
-    assert len(raw) == 2
-    obj = json.loads(raw[1])
-    assert (obj["principal"], obj["operation"], obj["outcome"], obj["source"]) == (
-        principal,
-        operation,
-        outcome,
-        source,
-    )
-    assert verify_audit_log(path, hmac_sha256).ok
-
-
-# --- verification and tampering ----------------------------------------------------------
-
-
-def test_untouched_log_verifies_with_exact_line_count(log_path: Path) -> None:
-    write_log(log_path, 5)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines, result.first_bad_line) == (True, 6, None)
-
-
-def test_reopened_log_continues_the_same_chain(log_path: Path) -> None:
-    write_log(log_path, 2)
-    write_log(log_path, 2)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 5)
-
-
-def test_empty_file_verifies_with_no_lines(log_path: Path) -> None:
-    log_path.touch()
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 0)
-
-
-def test_missing_file_is_reported_not_ok(log_path: Path) -> None:
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert not result.ok
-    assert result.first_bad_line is None
-
-
-def test_edited_line_is_named(log_path: Path) -> None:
-    write_log(log_path, 5)
-    raw = lines_of(log_path)
-    raw[3] = raw[3].replace(b'"outcome":"Success"', b'"outcome":"AccessDeniedException"')
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 4)
-    assert "mac mismatch" in result.reason
-
-
-def test_reformatted_line_is_named_even_with_same_content(log_path: Path) -> None:
-    write_log(log_path, 3)
-    raw = lines_of(log_path)
-    raw[2] = json.dumps(json.loads(raw[2]), sort_keys=True).encode() + b"\n"
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 3)
-
-
-def test_deleted_line_breaks_the_chain_at_the_next_line(log_path: Path) -> None:
-    write_log(log_path, 5)
-    raw = lines_of(log_path)
-    del raw[2]
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 3)
-    assert "chain broken" in result.reason
-
-
-def test_deleted_genesis_line_is_named(log_path: Path) -> None:
-    write_log(log_path, 3)
-    rewrite(log_path, lines_of(log_path)[1:])
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 1)
-
-
-def test_inserted_copy_of_a_line_is_named(log_path: Path) -> None:
-    write_log(log_path, 4)
-    raw = lines_of(log_path)
-    raw.insert(3, raw[2])
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 4)
-
-
-def test_inserted_forged_line_is_named(log_path: Path) -> None:
-    write_log(log_path, 4)
-    raw = lines_of(log_path)
-    forged = json.loads(raw[2])
-    forged.update(prev=forged["mac"], request_id="req-forged")
-    raw.insert(3, (json.dumps(forged, sort_keys=True, separators=(",", ":")) + "\n").encode())
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 4)
-    assert "mac mismatch" in result.reason
-
-
-def test_swapped_lines_are_named(log_path: Path) -> None:
-    write_log(log_path, 5)
-    raw = lines_of(log_path)
-    raw[2], raw[3] = raw[3], raw[2]
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 3)
-
-
-def test_truncated_last_line_is_named(log_path: Path) -> None:
-    write_log(log_path, 3)
-    data = log_path.read_bytes()
-    log_path.write_bytes(data[:-20])
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 4)
-    assert "truncated" in result.reason
-
-
-@pytest.mark.parametrize(
-    "garbage", [b"hello\n", b"[1,2]\n", b"\xff\xfe\n", b"\n", b'{"mac":"00"}\n']
-)
-def test_garbage_line_is_named(log_path: Path, garbage: bytes) -> None:
-    write_log(log_path, 3)
-    raw = lines_of(log_path)
-    raw.insert(2, garbage)
-    rewrite(log_path, raw)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 3)
-
-
-def test_log_checked_with_another_key_fails_at_first_line(log_path: Path) -> None:
-    write_log(log_path, 2)
-    result = verify_audit_log(log_path, other_key_mac)
-    assert (result.ok, result.first_bad_line) == (False, 1)
-
-
-# --- concurrent writers ---------------------------------------------------------------
-
-
-def _append_many(path: str, tag: str, count: int, barrier: object) -> None:
-    barrier.wait()  # type: ignore[attr-defined]
-    with AuditLog(Path(path), hmac_sha256) as log:
-        for i in range(count):
-            log.record(event(i, request_id=f"{tag}-{i}"))
-
-
-def _append_with_inherited(log: AuditLog, tag: str, count: int, barrier: object) -> None:
-    barrier.wait()  # type: ignore[attr-defined]
-    for i in range(count):
-        log.record(event(i, request_id=f"{tag}-{i}"))
-
-
-def _request_ids(path: Path) -> list[str]:
-    return [json.loads(line).get("request_id", "") for line in lines_of(path)[1:]]
-
-
-def _run_processes(target: Callable[..., None], first_arg: object, count: int) -> None:
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(3)
-    procs = [
-        ctx.Process(target=target, args=(first_arg, f"p{n}", count, barrier)) for n in range(3)
+        "count",
     ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=60)
-    assert [proc.exitcode for proc in procs] == [0, 0, 0]
 
 
-def test_three_processes_appending_keep_one_valid_chain(log_path: Path) -> None:
-    count = 400
-    _run_processes(_append_many, str(log_path), count)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 3 * count + 1), result.reason
-    ids = _request_ids(log_path)
-    assert sorted(ids) == sorted(f"p{n}-{i}" for n in range(3) for i in range(count))
+# --- format ----------------------------------------------------------------------------
 
 
-def test_log_opened_before_fork_is_safe_in_child_processes(log_path: Path) -> None:
-    count = 300
-    log = AuditLog(log_path, hmac_sha256)
-    log.record(event(request_id="parent"))
-    _run_processes(_append_with_inherited, log, count)
-    log.record(event(request_id="parent-after"))
-    log.close()
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 3 * count + 3), result.reason
+def test_new_log_starts_with_a_signed_genesis_and_chains_lines_by_sha256(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, checkpoint_seconds=SLOW) as log:
+        log.record(event(1, operation="ReEncrypt", key_arns=(ARN, ARN2), phase="intent", outcome="Pending"))
+        log.record(event(2, time=datetime(2026, 3, 1, 13, 0, tzinfo=timezone(timedelta(hours=1)))))
+    raw = log_path.read_bytes().splitlines(keepends=True)
+    lines = [json.loads(r) for r in raw]
+    assert [line["seq"] for line in lines] == [1, 2, 3, 4]
+    genesis, intent, done, final = lines
+    assert genesis["checkpoint"] is True and genesis["kind"] == "genesis"
+    assert genesis["chain"] == "0" * 64
+    assert intent == {
+        "count": None,
+        "decision": "allow key-policy:Sid1",
+        "key_arns": [ARN, ARN2],
+        "key_version": 1,
+        "operation": "ReEncrypt",
+        "outcome": "Pending",
+        "phase": "intent",
+        "prev": hashlib.sha256(raw[0]).hexdigest(),
+        "principal": "arn:aws:iam::111122223333:user/alice",
+        "request_id": "req-1",
+        "seq": 2,
+        "source": "10.0.0.7",
+        "time": "2026-03-01T12:00:01.123456Z",
+    }
+    assert done["time"] == "2026-03-01T12:00:00.000000Z"  # converted to UTC
+    assert done["prev"] == hashlib.sha256(raw[1]).hexdigest()
+    assert final["kind"] == "close" and final["chain"] == hashlib.sha256(raw[2]).hexdigest()
+    for line in raw:  # canonical: sorted keys, compact, ASCII
+        assert line == (json.dumps(json.loads(line), sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
-def test_threads_sharing_one_log_keep_one_valid_chain(log_path: Path) -> None:
-    count = 300
-    log = AuditLog(log_path, hmac_sha256)
+def test_checkpoint_mac_is_the_hsm_mac_of_the_line_without_it(log_path: Path) -> None:
+    calls: list[bytes] = []
 
-    def worker(tag: str) -> None:
-        for i in range(count):
-            log.record(event(i, request_id=f"{tag}-{i}"))
+    def mac(data: bytes) -> bytes:
+        calls.append(data)
+        return hmac_sha256(data)
 
-    threads = [threading.Thread(target=worker, args=(f"t{n}",)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    log.close()
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 4 * count + 1)
-
-
-def test_writers_alternating_chain_to_each_others_lines(log_path: Path) -> None:
-    a = AuditLog(log_path, hmac_sha256)
-    b = AuditLog(log_path, hmac_sha256)
-    for i in range(5):
-        a.record(event(i, request_id=f"a{i}"))
-        b.record(event(i, request_id=f"b{i}"))
-    a.close()
-    b.close()
-    assert verify_audit_log(log_path, hmac_sha256) == audit.AuditVerification(True, 11, None, "ok")
+    with AuditLog(log_path, mac, checkpoint_seconds=SLOW) as log:
+        for i in range(5):
+            log.record(event(i))
+        assert len(calls) == 1  # the genesis only: events cost no HSM call
+    final = objects(log_path)[-1]
+    tag = final.pop("mac")
+    body = json.dumps(final, sort_keys=True, separators=(",", ":")).encode()
+    assert calls[-1] == b"hsmkeys-audit-checkpoint-v1\n" + body
+    assert tag == hmac_sha256(calls[-1]).hex()
 
 
-class _PreadSpy:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.bytes_read = 0
-        self.calls = 0
-        real = os.pread
-
-        def spy(fd: int, n: int, offset: int) -> bytes:
-            self.calls += 1
-            self.bytes_read += n
-            return real(fd, n, offset)
-
-        monkeypatch.setattr(os, "pread", spy)
+def test_checkpoint_every_checkpoint_lines_lines(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, checkpoint_lines=3, checkpoint_seconds=SLOW) as log:
+        for i in range(7):
+            log.record(event(i))
+    kinds = [o.get("kind", "event") for o in objects(log_path)]
+    assert kinds == ["genesis", "event", "event", "event", "lines"] + ["event"] * 3 + ["lines"] + ["event", "close"]
 
 
-def test_own_last_write_is_cached_so_the_file_is_not_reread(
-    log_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    log.record(event(0))
-    spy = _PreadSpy(monkeypatch)
-    for i in range(1, 10):
-        log.record(event(i))
-    log.close()
-    assert spy.calls == 0
+def test_line_appended_after_checkpoint_seconds_is_signed_at_once(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, checkpoint_seconds=1e-9) as log:
+        log.record(event(1))
+        assert objects(log_path)[-1]["kind"] == "interval"
 
 
-def test_another_writers_line_is_read_from_the_tail_only(
-    log_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    write_log(log_path, 2000)
-    size = log_path.stat().st_size
-    spy = _PreadSpy(monkeypatch)
-    write_log(log_path, 1)
-    assert 0 < spy.bytes_read <= 4096 < size
-    assert verify_audit_log(log_path, hmac_sha256).ok
+def test_forced_checkpoint_is_written_and_stored(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+        written = log.checkpoint()
+        assert store.stored[log.log_id] == written
+    last = log_path.read_bytes().splitlines(keepends=True)[2]
+    assert written.sequence == 3 and written.chain_hash == hashlib.sha256(last).hexdigest()
+    assert written.mac == json.loads(last)["mac"] and written.file_name == "audit.log"
+    assert written.log_id == str(log_path.resolve())
 
 
-def test_line_longer_than_the_tail_chunk_is_chained_correctly(log_path: Path) -> None:
-    with AuditLog(log_path, hmac_sha256) as log:
-        log.record(event(0, principal="p" * 20_000))
-    write_log(log_path, 1)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 3)
+def test_close_stores_the_final_checkpoint_and_verifies_against_it(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        for i in range(3):
+            log.record(event(i))
+    stored = store.stored[str(log_path.resolve())]
+    assert stored.sequence == 5 == objects(log_path)[-1]["seq"]
+    result = verify([log_path], store)
+    assert result.ok and result.lines == 5 and result.last_checkpoint == 5, result
 
 
-# --- rotation, damage, failures ---------------------------------------------------------
+def test_reopening_a_signed_log_continues_its_chain(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    for round_ in range(3):
+        with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+            log.record(event(round_))
+    assert [o["seq"] for o in objects(log_path)] == list(range(1, 8))
+    assert verify([log_path], store).ok
 
 
-def test_renamed_file_is_recreated_with_genesis_following_the_old_file(log_path: Path) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    log.record(event(0))
-    log.record(event(1))
-    rotated = log_path.with_suffix(".log.1")
-    log_path.rename(rotated)
-    log.record(event(2))
-    log.close()
-    old_last = json.loads(lines_of(rotated)[-1])["mac"]
-    new_lines = lines_of(log_path)
-    assert json.loads(new_lines[0])["follows"] == old_last
-    assert len(new_lines) == 2
-    assert verify_audit_log(log_path, hmac_sha256).ok
-    result = verify_audit_logs([rotated, log_path], hmac_sha256)
-    assert (result.ok, result.lines) == (True, 5)
+def test_fsync_lines_is_accepted_and_changes_no_format(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, fsync_lines=True, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    assert verify([log_path]).ok
 
 
-def test_rotated_file_with_dropped_tail_fails_the_link_check(log_path: Path) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    for i in range(3):
-        log.record(event(i))
-    rotated = log_path.with_suffix(".log.1")
-    log_path.rename(rotated)
-    log.record(event(3))
-    log.close()
-    rewrite(rotated, lines_of(rotated)[:-1])
-    assert verify_audit_log(rotated, hmac_sha256).ok
-    result = verify_audit_logs([rotated, log_path], hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 1)
-    assert str(log_path) in result.reason
+# --- rotation --------------------------------------------------------------------------
 
 
-def test_rotated_files_checked_out_of_order_fail(log_path: Path) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    log.record(event(0))
-    log_path.rename(log_path.with_suffix(".log.2"))
-    log.record(event(1))
-    log_path.rename(log_path.with_suffix(".log.1"))
-    log.record(event(2))
-    log.close()
-    oldest, middle = log_path.with_suffix(".log.2"), log_path.with_suffix(".log.1")
-    assert verify_audit_logs([oldest, middle, log_path], hmac_sha256).ok
-    assert not verify_audit_logs([oldest, log_path, middle], hmac_sha256).ok
-    assert not verify_audit_logs([oldest, log_path], hmac_sha256).ok
+def test_rotate_links_the_new_file_to_the_old_ones_last_line(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+        rotated = log.rotate()
+        log.record(event(2))
+    assert rotated.parent == log_path.parent and rotated.name.startswith("audit.log.")
+    old_raw = rotated.read_bytes().splitlines(keepends=True)
+    assert json.loads(old_raw[-1])["kind"] == "rotate"
+    first = objects(log_path)[0]
+    assert first["kind"] == "link" and first["follows"] == rotated.name
+    assert first["seq"] == json.loads(old_raw[-1])["seq"] + 1
+    assert first["chain"] == hashlib.sha256(old_raw[-1]).hexdigest()
+    assert audit_log_files(log_path) == [rotated, log_path]
+    result = verify([rotated, log_path], store)
+    assert result.ok and result.lines == len(old_raw) + 3, result
 
 
-def test_deleted_file_is_recreated(log_path: Path) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    log.record(event(0))
+def test_max_bytes_rotates_automatically_and_files_list_oldest_first(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(
+        log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW, max_bytes=2000
+    ) as log:
+        for i in range(30):
+            log.record(event(i))
+    files = audit_log_files(log_path)
+    assert len(files) >= 3
+    seqs = [o["seq"] for f in files for o in objects(f)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert all(f.stat().st_size < 2000 + 1000 for f in files)
+    assert verify(files, store).ok
+
+
+def test_verifying_only_the_live_file_after_rotation_is_ok(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+        log.rotate()
+        log.record(event(2))
+    assert verify([log_path], store).ok
+
+
+def test_audit_log_files_ignores_unrelated_names(log_path: Path) -> None:
+    for name in ("audit.log.bak", "audit.log.20260301T120000.000000Z.gz", "other.log.20260301T120000.000000Z"):
+        (log_path.parent / name).write_text("x")
+    kept = log_path.parent / "audit.log.20260301T120000.000000Z"
+    kept.write_text("x")
+    assert audit_log_files(log_path) == [kept, log_path]
+
+
+# --- recovery: the writer never hides damage behind a fresh chain -------------------------
+
+
+def test_deleted_log_gets_a_break_marker_continuing_the_catalog_chain(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    before = store.stored[str(log_path.resolve())]
     log_path.unlink()
-    log.record(event(1))
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(2))
+    marker = objects(log_path)[0]
+    assert marker["break"] == "missing"
+    assert marker["seq"] == before.sequence + 1 and marker["prev"] == before.chain_hash
+    assert marker["expected_seq"] == before.sequence
+    result = verify([log_path], store)
+    assert not result.ok and result.first_bad_line == 1
+    assert "missing (deleted)" in result.reason
+
+
+def test_emptied_log_gets_a_break_marker(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    log_path.write_bytes(b"")
+    AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW).close()
+    assert objects(log_path)[0]["break"] == "emptied"
+    result = verify([log_path], store)
+    assert not result.ok and "empty (emptied)" in result.reason
+
+
+def test_damaged_tail_is_terminated_and_marked_then_reported_first(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    good = len(objects(log_path))
+    with log_path.open("ab") as handle:
+        handle.write(b'{"seq":99,"torn')
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(2))
+    raw = log_path.read_bytes().splitlines()
+    assert raw[good] == b'{"seq":99,"torn'
+    assert json.loads(raw[good + 1])["break"] == "damaged-tail"
+    result = verify([log_path], store)
+    assert not result.ok and result.first_bad_line == good + 1, result
+
+
+def test_older_copy_put_back_gets_a_behind_catalog_marker(log_path: Path, tmp_path: Path) -> None:
+    store = MemoryCheckpoints()
+    copy = tmp_path / "copy"
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+        log.checkpoint()
+        shutil.copy(log_path, copy)
+        log.record(event(2))
+    shutil.copy(copy, log_path)
+    AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW).close()
+    marker = objects(log_path)[-2]
+    assert marker["break"] == "behind-catalog"
+    assert not verify([log_path], store).ok
+
+
+def test_without_a_catalog_a_missing_log_starts_a_genesis(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    assert objects(log_path)[0]["kind"] == "genesis"
+
+
+def test_log_deleted_while_open_gets_a_break_marker_on_the_next_line(log_path: Path) -> None:
+    with AuditLog(log_path, hmac_sha256, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+        log_path.unlink()
+        log.record(event(2))
+    first = objects(log_path)[0]
+    assert first["break"] == "missing" and first["expected_seq"] == 2
+
+
+# --- failures: fail closed, say nothing about internals ------------------------------------
+
+
+def test_record_raises_internal_error_when_the_path_became_a_directory(log_path: Path) -> None:
+    log = AuditLog(log_path, hmac_sha256, checkpoint_seconds=SLOW)
+    try:
+        log_path.rename(log_path.with_name("moved"))
+        log_path.mkdir()
+        with pytest.raises(KMSInternalException) as caught:
+            log.record(event(1))
+        assert caught.value.message == "audit log write failed"
+        assert str(log_path.parent) not in str(caught.value)
+    finally:
+        log.close()
+
+
+def test_opening_a_directory_raises_internal_error(log_path: Path) -> None:
+    log_path.mkdir()
+    with pytest.raises(KMSInternalException, match="audit log cannot be opened"):
+        AuditLog(log_path, hmac_sha256)
+
+
+def test_record_raises_internal_error_when_the_disk_rejects_the_write(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, hmac_sha256, checkpoint_seconds=SLOW)
+    size = log_path.stat().st_size
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(KMSInternalException, match="audit log write failed"):
+        log.record(event(1))
+    monkeypatch.undo()
+    log.record(event(2))  # recovers once the disk has room
     log.close()
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 2)
-    assert _request_ids(log_path) == ["req-1"]
+    assert log_path.stat().st_size > size
+    assert verify([log_path]).ok
 
 
-def test_file_truncated_in_place_restarts_with_genesis(log_path: Path) -> None:
+def test_record_on_a_closed_log_raises_internal_error(log_path: Path) -> None:
     log = AuditLog(log_path, hmac_sha256)
-    log.record(event(0))
-    os.truncate(log_path, 0)  # logrotate copytruncate
-    log.record(event(1))
     log.close()
-    first = json.loads(lines_of(log_path)[0])
-    assert (first["genesis"], first["follows"]) == (True, None)
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.lines) == (True, 2)
+    log.close()  # idempotent
+    with pytest.raises(KMSInternalException, match="closed"):
+        log.record(event(1))
 
 
-def test_damaged_tail_is_still_reported_after_writing_resumes(log_path: Path) -> None:
-    write_log(log_path, 2)
-    with log_path.open("ab") as f:
-        f.write(b'{"key_arn":"torn')
-    write_log(log_path, 2)
-    raw = lines_of(log_path)
-    assert raw[3] == b'{"key_arn":"torn\n'
-    assert json.loads(raw[4])["genesis"] is True
-    result = verify_audit_log(log_path, hmac_sha256)
-    assert (result.ok, result.first_bad_line) == (False, 4)
+def test_record_raises_internal_error_when_the_hsm_mac_fails(log_path: Path) -> None:
+    from hsmkeys.errors import NotFoundException
 
+    fail = False
 
-def test_record_after_close_is_an_internal_error(log_path: Path) -> None:
-    log = AuditLog(log_path, hmac_sha256)
-    log.close()
-    log.close()
+    def mac(data: bytes) -> bytes:
+        if fail:
+            raise NotFoundException("audit key gone")
+        return hmac_sha256(data)
+
+    log = AuditLog(log_path, mac, checkpoint_seconds=1e-9)
+    fail = True
     with pytest.raises(KMSInternalException):
-        log.record(event(0))
+        log.record(event(1))
+    fail = False
+    log.close()
 
 
-def test_unwritable_location_is_an_internal_error(tmp_path: Path) -> None:
-    with pytest.raises(KMSInternalException):
-        AuditLog(tmp_path / "missing-dir" / "audit.log", hmac_sha256)
+def test_a_failing_checkpoint_store_does_not_fail_the_record(log_path: Path) -> None:
+    class Broken(MemoryCheckpoints):
+        def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+            raise KMSInternalException("catalog down")
 
-
-def test_new_file_is_private_to_the_owner(log_path: Path) -> None:
-    AuditLog(log_path, hmac_sha256).close()
-    assert log_path.stat().st_mode & 0o077 == 0
+    with AuditLog(log_path, hmac_sha256, checkpoints=Broken(), checkpoint_seconds=1e-9) as log:
+        log.record(event(1))
+    assert verify([log_path]).ok

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -42,7 +43,7 @@ def first_version(key: KeyRecord) -> VersionRecord:
     return VersionRecord(key.key_uuid, 1, key.created_at)
 
 
-def add(catalog: Catalog, **changes: object) -> KeyRecord:
+def add(catalog: Catalog, **changes: Any) -> KeyRecord:
     key = make_key(**changes)
     catalog.insert_key(key, first_version(key))
     return key
@@ -261,6 +262,23 @@ def test_list_keys_pages_in_uuid_string_order(catalog: SqliteCatalog) -> None:
     assert catalog.list_keys(limit=0) == []
 
 
+def test_list_keys_can_leave_out_purging_keys_and_keep_pages_full(catalog: SqliteCatalog) -> None:
+    keys = sorted((add(catalog) for _ in range(9)), key=lambda k: str(k.key_uuid))
+    purging = {keys[i].key_uuid for i in (0, 1, 4, 8)}
+    for key in keys:
+        if key.key_uuid in purging:
+            catalog.update_key(dataclasses.replace(key, state=KeyState.PURGING))
+    visible = [k for k in keys if k.key_uuid not in purging]
+    pages: list[list[KeyRecord]] = []
+    after: uuid.UUID | None = None
+    while page := catalog.list_keys(limit=2, after=after, exclude_purging=True):
+        pages.append(page)
+        after = page[-1].key_uuid
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [k for p in pages for k in p] == visible
+    assert len(catalog.list_keys(limit=100)) == 9  # the default still lists every key
+
+
 def test_delete_key_cascades_to_versions_aliases_and_tags(catalog: SqliteCatalog) -> None:
     doomed, kept = add(catalog), add(catalog)
     for key in (doomed, kept):
@@ -393,9 +411,9 @@ def test_list_aliases_pages_by_name_optionally_for_one_key(catalog: SqliteCatalo
     assert [a.name for a in first + rest] == sorted(names)
     mine = catalog.list_aliases(limit=10, key_uuid=one.key_uuid)
     assert [a.name for a in mine] == ["alias/b", "alias/d", "alias/e"]
-    assert [a.name for a in catalog.list_aliases(limit=1, after="alias/b", key_uuid=one.key_uuid)] == [
-        "alias/d"
-    ]
+    assert [
+        a.name for a in catalog.list_aliases(limit=1, after="alias/b", key_uuid=one.key_uuid)
+    ] == ["alias/d"]
     assert catalog.count_aliases(one.key_uuid) == 3
 
 

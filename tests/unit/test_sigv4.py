@@ -270,7 +270,7 @@ def signed_requests(draw: st.DrawFn) -> tuple[WireRequest, datetime, str, str]:
         path=draw(raw_paths),
         params=draw(query_params),
         headers=[
-            *KMS_HEADERS[:1],
+            *KMS_HEADERS[:2],  # X-Amz-Target and Content-Type, which must be signed
             *draw(st.lists(st.tuples(header_names, header_values), max_size=6)),
         ],
         secret=secret,
@@ -625,17 +625,58 @@ def test_date_header_instead_of_x_amz_date_is_incomplete_signature() -> None:
     assert_rejected(request, make_verifier(), IncompleteSignatureException, "X-Amz-Date")
 
 
-@pytest.mark.parametrize("name", [b"host", b"x-amz-date"])
-def test_host_and_x_amz_date_must_be_signed(name: bytes) -> None:
+def _resigned_without(name: str) -> WireRequest:
+    """A request validly signed by botocore whose SignedHeaders leave out ``name``.
+
+    botocore signs every header it is given (but a few like User-Agent), so the header
+    is added after signing, as a client that signs less would send it.
+    """
+    kept = [(n, v) for n, v in KMS_HEADERS if n.lower() != name]
+    request = sign(headers=kept)
+    for header, value in KMS_HEADERS:
+        if header.lower() == name:
+            request = request.with_header(name.encode(), value.encode())
+    return request
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        (b"host", "Host"),
+        (b"x-amz-date", "X-Amz-Date"),
+        (b"x-amz-target", "X-Amz-Target"),
+        (b"content-type", "Content-Type"),
+    ],
+)
+def test_required_headers_left_out_of_signed_headers_are_invalid_signature(
+    name: bytes, label: str
+) -> None:
     request = sign()
     authorization = (
         request.header(b"authorization").replace(name + b";", b"").replace(b";" + name, b"")
     )
+    assert name not in authorization.split(b"SignedHeaders=")[1].split(b",")[0].split(b";")
     assert_rejected(
         request.with_header(b"authorization", authorization),
         make_verifier(),
         InvalidSignatureException,
+        f"'{label}'.* must be a 'SignedHeader'",
     )
+
+
+@pytest.mark.parametrize("name", ["x-amz-target", "content-type"])
+def test_request_signed_without_target_or_content_type_is_invalid_signature(name: str) -> None:
+    request = _resigned_without(name)
+    assert name.encode() not in request.signed_headers()
+    assert_rejected(request, make_verifier(), InvalidSignatureException, "SignedHeader")
+
+
+def test_captured_encrypt_replayed_as_another_operation_is_invalid_signature() -> None:
+    captured = sign()
+    assert captured.verify(make_verifier())
+    for target in (b"TrentService.Decrypt", b"TrentService.ReEncrypt", b"TrentService.encrypt"):
+        replayed = captured.with_header(b"x-amz-target", target)
+        assert_rejected(replayed, make_verifier(), InvalidSignatureException, "does not match")
 
 
 @pytest.mark.parametrize("name", [b"authorization", b"x-amz-date", b"host"])

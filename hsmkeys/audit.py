@@ -559,13 +559,15 @@ class AuditLog:
         fd = self._fd
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            st = os.fstat(fd)
-            try:
-                live = os.stat(self._path)
-                moved = (live.st_dev, live.st_ino) != (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                moved = True
-            if moved:
+            # Loop: the file we followed to may itself be rotated before we get its lock.
+            while True:
+                st = os.fstat(fd)
+                try:
+                    live = os.stat(self._path)
+                    if (live.st_dev, live.st_ino) == (st.st_dev, st.st_ino):
+                        break
+                except FileNotFoundError:
+                    pass
                 fd = self._follow(fd, st)
             return fd, self._sync(fd)
         except BaseException:
@@ -920,14 +922,17 @@ def _parse(raw: bytes) -> _Line | str:
     elif keys in (_CHECKPOINT_KEYS, _LINK_KEYS):
         if (
             obj["checkpoint"] is not True
+            or not isinstance(obj["kind"], str)
             or obj["kind"] not in _KINDS
             or (keys == _LINK_KEYS) != (obj["kind"] == CheckpointKind.LINK)
             or (keys == _LINK_KEYS and not isinstance(obj["follows"], str))
-            or not isinstance(obj["mac"], str)
+            or not _is_hex64(obj["mac"])
         ):
             return "malformed checkpoint: edited or forged"
         kind, link = "checkpoint", obj["chain"]
     elif keys == _BREAK_KEYS:
+        if not isinstance(obj["break"], str):
+            return "malformed break marker: edited or forged"
         kind, link = "break", obj["prev"]
     else:
         return "unexpected fields: edited or forged"
@@ -1014,7 +1019,7 @@ class _Verifier:
         if line.kind == "checkpoint":
             unsigned = {k: v for k, v in line.obj.items() if k != "mac"}
             expected = _checkpoint_mac(self.mac, unsigned)
-            if not hmac.compare_digest(line.obj["mac"], expected):
+            if not hmac.compare_digest(line.obj["mac"].encode(), expected.encode()):
                 raise _Bad(
                     number, "checkpoint MAC does not verify: forged, or the lines before it edited"
                 )
@@ -1025,7 +1030,7 @@ class _Verifier:
             if (
                 line.kind != "checkpoint"
                 or line_hash != cp.chain_hash
-                or not hmac.compare_digest(line.obj["mac"], cp.mac)
+                or not hmac.compare_digest(line.obj["mac"].encode(), cp.mac.encode())
             ):
                 raise _Bad(number, self.catalog_mismatch(cp))
             self.catalog_found = True

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from hsmkeys.config import (
+    DEFAULT_CONFIG,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    ENV_PREFIX,
     PrincipalSettings,
     ServerSettings,
     Settings,
@@ -50,10 +52,16 @@ from hsmkeys.errors import (
 from hsmkeys.keystore import KeyStore
 from hsmkeys.models import (
     AliasListEntry,
+    GetKeyRotationStatusResult,
+    GrantListEntry,
     KeyListEntry,
     KeyMetadata,
+    KeySpec,
+    KeyState,
     ListAliasesResult,
+    ListGrantsResult,
     ListKeysResult,
+    ListResourceTagsResult,
     Tag,
 )
 
@@ -67,6 +75,7 @@ EXIT_NO = 1  # a verification or check answered "no"
 EXIT_ERROR = 2
 
 _PIN_BYTES = 16  # 32 hex characters; SoftHSM2 accepts 4-255
+_PROBE_TIMEOUT_S = 2.0  # status: how long a server may take to answer /healthz
 _SYSTEM_SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
 _SYSTEM_TOKEN_DIR = Path("/var/lib/softhsm")
 
@@ -144,6 +153,27 @@ def _pair_arg(value: str) -> tuple[str, str]:
     return key, val
 
 
+def _context_arg(value: str) -> list[tuple[str, str]]:
+    """One ``--context`` value: ``K=V``, the aws CLI's ``K=V,K2=V2``, or a JSON object."""
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {value!r}") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise argparse.ArgumentTypeError("a JSON context must map strings to strings")
+        return list(parsed.items())
+    pairs = []
+    for piece in value.split(","):
+        key, sep, val = piece.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE[,KEY=VALUE...] or a JSON object, got {piece!r} in {value!r}"
+            )
+        pairs.append((key, val))
+    return pairs
+
+
 def _context(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:
     if not pairs:
         return None
@@ -174,6 +204,12 @@ class _Cli:
 
     def settings(self) -> Settings:
         if self._settings is None:
+            file = Path(self.args.config or os.environ.get(f"{ENV_PREFIX}CONFIG") or DEFAULT_CONFIG)
+            if not file.exists():
+                raise ConfigError(
+                    f"config file {file} not found (looked at --config, else ${ENV_PREFIX}CONFIG, "
+                    f"else ./{DEFAULT_CONFIG}); pass --config F or set {ENV_PREFIX}CONFIG=F"
+                )
             self._settings = Settings.load(self.args.config)
         return self._settings
 
@@ -191,7 +227,9 @@ Handler = Callable[[_Cli], int]
 # ------------------------------------------------------------------ keys
 
 
-def _print_metadata(md: KeyMetadata, *, aliases: Sequence[str] = (), tags: Sequence[Tag] = ()) -> None:
+def _print_metadata(
+    md: KeyMetadata, *, aliases: Sequence[str] = (), tags: Sequence[Tag] = (), rotation: str | None = None
+) -> None:
     rows: list[tuple[str, object]] = [
         ("KeyId", md.key_id),
         ("Arn", md.arn),
@@ -213,6 +251,8 @@ def _print_metadata(md: KeyMetadata, *, aliases: Sequence[str] = (), tags: Seque
         rows.append(("Aliases", ", ".join(aliases)))
     if tags:
         rows.append(("Tags", ", ".join(f"{t.tag_key}={t.tag_value}" for t in tags)))
+    if rotation is not None:
+        rows.append(("Rotation", rotation))
     _table(rows)
 
 
@@ -260,8 +300,12 @@ def _cmd_keys_describe(cli: _Cli) -> int:
             return EXIT_OK
         md = result.key_metadata
         aliases = [a.alias_name for a in _all_aliases(store, md.key_id).aliases]
-        tags = store.list_resource_tags(key_id=md.key_id).tags
-    _print_metadata(md, aliases=aliases, tags=tags)
+        tags = _all_tags(store, md.key_id).tags
+        rotation = None
+        # GetKeyRotationStatus refuses other specs and keys pending deletion.
+        if md.key_spec is KeySpec.SYMMETRIC_DEFAULT and md.key_state is not KeyState.PENDING_DELETION:
+            rotation = _rotation_text(store.get_key_rotation_status(key_id=md.key_id))
+    _print_metadata(md, aliases=aliases, tags=tags, rotation=rotation)
     return EXIT_OK
 
 
@@ -338,6 +382,199 @@ def _cmd_keys_cancel_deletion(cli: _Cli) -> int:
         _out_json(_kms_json("CancelKeyDeletion", result))
     else:
         _out(f"{result.key_id}: deletion cancelled; the key is Disabled until `hsmkeys keys enable`")
+    return EXIT_OK
+
+
+def _rotation_text(status: GetKeyRotationStatusResult) -> str:
+    if not status.key_rotation_enabled:
+        return "disabled (enable: hsmkeys keys rotation enable KEY)"
+    text = f"enabled, every {status.rotation_period_in_days} days"
+    if status.next_rotation_date is not None:
+        text += f", next {status.next_rotation_date.isoformat()}"
+    return text
+
+
+def _cmd_keys_rotation(cli: _Cli) -> int:
+    a = cli.args
+    with cli.store() as store:
+        if a.rotation_command == "enable":
+            store.enable_key_rotation(key_id=a.key, rotation_period_in_days=a.period_days)
+        elif a.rotation_command == "disable":
+            store.disable_key_rotation(key_id=a.key)
+        status = store.get_key_rotation_status(key_id=a.key)
+    if cli.as_json:
+        _out_json(_kms_json("GetKeyRotationStatus", status) if a.rotation_command == "status" else {})
+    else:
+        _out(f"{status.key_id}: rotation {_rotation_text(status)}")
+    return EXIT_OK
+
+
+def _all_tags(store: KeyStore, key_id: str) -> ListResourceTagsResult:
+    found: list[Tag] = []
+    marker: str | None = None
+    while True:
+        page = store.list_resource_tags(key_id=key_id, limit=50, marker=marker)
+        found.extend(page.tags)
+        if not page.truncated:
+            return ListResourceTagsResult(tuple(found), False)
+        marker = page.next_marker
+
+
+def _cmd_keys_tag(cli: _Cli) -> int:
+    a = cli.args
+    tags = [Tag(k, v) for k, v in a.tags]
+    if len({t.tag_key for t in tags}) != len(tags):
+        raise InputError("a tag key is given twice")
+    with cli.store() as store:
+        store.tag_resource(key_id=a.key, tags=tags)
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"{a.key}: tagged " + ", ".join(f"{t.tag_key}={t.tag_value}" for t in tags))
+    return EXIT_OK
+
+
+def _cmd_keys_untag(cli: _Cli) -> int:
+    a = cli.args
+    with cli.store() as store:
+        store.untag_resource(key_id=a.key, tag_keys=list(a.tag_keys))
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"{a.key}: untagged " + ", ".join(a.tag_keys))
+    return EXIT_OK
+
+
+def _cmd_keys_tags(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = _all_tags(store, cli.args.key)
+    if cli.as_json:
+        _out_json(_kms_json("ListResourceTags", result))
+    elif not result.tags:
+        _out("no tags (add some with: hsmkeys keys tag KEY k=v)")
+    else:
+        for tag in result.tags:
+            _out(f"{tag.tag_key}={tag.tag_value}")
+    return EXIT_OK
+
+
+def _cmd_keys_policy_get(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = store.get_key_policy(key_id=cli.args.key)
+    if cli.as_json:
+        _out_json(_kms_json("GetKeyPolicy", result))
+    else:
+        _out(result.policy)
+    return EXIT_OK
+
+
+def _cmd_keys_policy_put(cli: _Cli) -> int:
+    a = cli.args
+    if a.file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(a.file).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read policy file {a.file}: {exc.strerror}") from None
+    try:
+        policy = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"policy {a.file} is not UTF-8 text") from None
+    with cli.store() as store:
+        store.put_key_policy(
+            key_id=a.key, policy=policy, bypass_policy_lockout_safety_check=a.bypass_policy_lockout_safety_check
+        )
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"{a.key}: key policy replaced")
+    return EXIT_OK
+
+
+def _cmd_data_key(cli: _Cli) -> int:
+    a = cli.args
+    with cli.store() as store:
+        result = store.generate_data_key(
+            key_id=a.key_id, key_spec=a.key_spec, encryption_context=_context(a.context)
+        )
+    if cli.as_json:
+        _out_json(_kms_json("GenerateDataKey", result))
+    else:
+        _table(
+            [
+                ("Plaintext", _b64(result.plaintext)),
+                ("CiphertextBlob", _b64(result.ciphertext_blob)),
+                ("KeyId", result.key_id),
+            ]
+        )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ grants
+
+
+def _operations_arg(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected OPERATION[,OPERATION...], got {value!r}")
+    return names
+
+
+def _cmd_grants_create(cli: _Cli) -> int:
+    a = cli.args
+    with cli.store() as store:
+        result = store.create_grant(
+            key_id=a.key,
+            grantee_principal=a.grantee,
+            operations=a.operations,
+            retiring_principal=a.retiring_principal,
+            name=a.name,
+        )
+    if cli.as_json:
+        _out_json(_kms_json("CreateGrant", result))
+    else:
+        _table([("GrantId", result.grant_id), ("GrantToken", result.grant_token)])
+    return EXIT_OK
+
+
+def _all_grants(store: KeyStore, key_id: str) -> ListGrantsResult:
+    found: list[GrantListEntry] = []
+    marker: str | None = None
+    while True:
+        page = store.list_grants(key_id=key_id, limit=100, marker=marker)
+        found.extend(page.grants)
+        if not page.truncated:
+            return ListGrantsResult(tuple(found), False)
+        marker = page.next_marker
+
+
+def _cmd_grants_list(cli: _Cli) -> int:
+    with cli.store() as store:
+        result = _all_grants(store, cli.args.key)
+    if cli.as_json:
+        _out_json(_kms_json("ListGrants", result))
+        return EXIT_OK
+    if not result.grants:
+        _out("no grants (create one with: hsmkeys grants create KEY --grantee ARN --operations Encrypt)")
+        return EXIT_OK
+    rows = [("GrantId", "Grantee", "Operations", "Name")] + [
+        (g.grant_id, g.grantee_principal, ",".join(g.operations), g.name or "-") for g in result.grants
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        _out(("  ".join(f"{row[i]:<{widths[i]}}" for i in range(3)) + "  " + row[3]).rstrip())
+    return EXIT_OK
+
+
+def _cmd_grants_revoke(cli: _Cli) -> int:
+    a = cli.args
+    with cli.store() as store:
+        store.revoke_grant(key_id=a.key, grant_id=a.grant_id)
+    if cli.as_json:
+        _out_json({})
+    else:
+        _out(f"grant {a.grant_id} revoked")
     return EXIT_OK
 
 
@@ -493,12 +730,198 @@ def _cmd_verify_mac(cli: _Cli) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ envelope files (Encryption SDK messages)
+
+_PROGRESS_MIN_BYTES = 16 << 20  # on a TTY, smaller files finish before a bar helps
+
+
+class _ProgressBar:
+    """``label  42%  27.0/64.0 MiB`` on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self._label, self._total, self._shown, self._done = label, total, 0.0, 0
+
+    def __call__(self, done: int) -> None:
+        import time
+
+        self._done = done
+        if time.monotonic() - self._shown >= 0.1:
+            self._shown = time.monotonic()
+            self._draw()
+
+    def _draw(self) -> None:
+        mib = self._done / (1 << 20)
+        if self._total:
+            text = f"{self._label}  {100 * self._done // self._total:3d}%  {mib:.1f}/{self._total / (1 << 20):.1f} MiB"
+        else:
+            text = f"{self._label}  {mib:.1f} MiB"
+        sys.stderr.write(f"\r{text}")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """End the line (also after a failure, so that the error starts on its own line)."""
+        if self._shown or self._done:
+            self._draw()
+            sys.stderr.write("\n")
+
+
+@contextlib.contextmanager
+def _envelope_files(cli: _Cli, verb: str) -> Iterator[tuple[Any, Any, int | None, _ProgressBar | None]]:
+    """(source, destination, source size if known, progress bar or None) for IN and OUT.
+
+    OUT is written to a private (0600) temporary file beside it and renamed into place
+    only when the command succeeds, so a failed or refused message leaves no OUT.
+    """
+    import tempfile
+
+    a = cli.args
+    if a.output == "-" and cli.as_json:
+        raise InputError("--json prints to stdout; give OUT a file name, not -")
+    with contextlib.ExitStack() as stack:
+        if a.input == "-":
+            source: Any = sys.stdin.buffer
+        else:
+            try:
+                source = stack.enter_context(open(a.input, "rb"))
+            except OSError as exc:
+                raise InputError(f"cannot read {a.input}: {exc.strerror}") from None
+        size: int | None = None
+        with contextlib.suppress(OSError, ValueError):  # a pipe or a test's stdin has no size
+            stat = os.fstat(source.fileno())
+            size = stat.st_size if (stat.st_mode & 0o170000) == 0o100000 else None
+        show = a.progress or (sys.stderr.isatty() and (size is None or size >= _PROGRESS_MIN_BYTES))
+        bar = _ProgressBar(f"{verb} {a.input}", size) if show else None
+        if bar is not None:
+            stack.callback(bar.finish)
+        if a.output == "-":
+            sys.stdout.flush()
+            yield source, sys.stdout.buffer, size, bar
+            sys.stdout.buffer.flush()
+        else:
+            out = Path(a.output)
+            try:
+                fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+            except OSError as exc:
+                raise InputError(f"cannot write {a.output}: {exc.strerror}") from None
+            try:
+                with os.fdopen(fd, "wb") as destination:
+                    yield source, destination, size, bar
+                os.replace(temp, out)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+
+
+def _envelope_module() -> Any:
+    try:
+        from hsmkeys import envelope
+    except ImportError as exc:
+        raise ConfigError(f"needs the AWS Encryption SDK ({exc}): pip install 'hsmkeys[envelope]'") from None
+    return envelope
+
+
+def _cmd_encrypt_file(cli: _Cli) -> int:
+    envelope = _envelope_module()
+    a = cli.args
+    context = _context(a.context) or {}
+    with cli.store() as store, _envelope_files(cli, "encrypt") as (source, destination, size, bar):
+        provider = envelope.KeyStoreMasterKeyProvider(store, key_ids=a.key_id)
+        keys = provider if a.no_cache else envelope.caching_materials_manager(provider)
+        header = envelope.encrypt_stream(source, destination, keys, context, source_length=size, progress=bar)
+    if cli.as_json:
+        _out_json(_envelope_summary(header))
+    return EXIT_OK
+
+
+def _cmd_decrypt_file(cli: _Cli) -> int:
+    envelope = _envelope_module()
+    a = cli.args
+    expected = _context(a.context) or {}
+    with cli.store() as store:
+        # --key-id: only those keys (strict); none: any key of this store (the CLI holds the PIN).
+        keys = (
+            envelope.KeyStoreMasterKeyProvider(store, key_ids=a.key_id)
+            if a.key_id
+            else envelope.KeyStoreDiscoveryMasterKeyProvider(store)
+        )
+        try:
+            with _envelope_files(cli, "decrypt") as (source, destination, _, bar):
+                header = envelope.decrypt_stream(source, destination, keys, expected_context=expected, progress=bar)
+        except envelope.EncryptionContextMismatchError as exc:
+            _error(exc.code, f"encryption context mismatch: {exc.message}")
+            return EXIT_NO
+    if cli.as_json:
+        _out_json(_envelope_summary(header))
+    return EXIT_OK
+
+
+def _envelope_summary(header: Any) -> dict[str, object]:
+    return {
+        "KeyIds": [edk.key_provider.key_info.decode("utf-8") for edk in header.encrypted_data_keys],
+        "EncryptionContext": {k: v for k, v in header.encryption_context.items() if not k.startswith("aws-crypto-")},
+        "Algorithm": header.algorithm.name,
+        "FrameLength": header.frame_length,
+    }
+
+
 # ------------------------------------------------------------------ operations
+
+
+@dataclass(frozen=True)
+class _ServerProbe:
+    url: str | None  # None: no address known (no config and no --endpoint)
+    state: str  # up | unhealthy | down | unknown
+    detail: str
+
+
+def _server_endpoint(cli: _Cli) -> tuple[str, str | None] | None:
+    """The URL a server should answer at and the CA file to trust for it, if known."""
+    if cli.args.endpoint is not None:
+        return cli.args.endpoint.rstrip("/"), os.environ.get("AWS_CA_BUNDLE")
+    try:
+        server = cli.settings().server
+    except ConfigError:
+        if cli.opener is None:
+            raise
+        return None  # an injected store may come without a config
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(server.host, server.host)
+    if ":" in host:
+        host = f"[{host}]"
+    if server.tls_cert is not None:
+        return f"https://{host}:{server.port}", str(server.tls_cert)
+    return f"http://{host}:{server.port}", None
+
+
+def _probe_server(cli: _Cli) -> _ServerProbe:
+    """GET /healthz at the configured (or ``--endpoint``) address."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    endpoint = _server_endpoint(cli)
+    if endpoint is None:
+        return _ServerProbe(None, "unknown", "no config: pass --endpoint URL to check a server")
+    url, cafile = endpoint
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if url.startswith("https:"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+    try:
+        with urllib.request.build_opener(*handlers).open(f"{url}/healthz", timeout=_PROBE_TIMEOUT_S) as reply:
+            return _ServerProbe(url, "up", f"answers (GET /healthz {reply.status})")
+    except urllib.error.HTTPError as exc:
+        return _ServerProbe(url, "unhealthy", f"answers GET /healthz with {exc.code}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return _ServerProbe(
+            url, "down", f"not answering ({reason}); start one with: hsmkeys serve (or make run)"
+        )
 
 
 def _cmd_status(cli: _Cli) -> int:
     with cli.store() as store:
         status = store.status()
+    probe = _probe_server(cli)
     if cli.as_json:
         _out_json(
             {
@@ -507,6 +930,7 @@ def _cmd_status(cli: _Cli) -> int:
                 "manufacturer": status.manufacturer,
                 "model": status.model,
                 "keys": status.keys,
+                "server": {"url": probe.url, "state": probe.state, "detail": probe.detail},
             }
         )
         return EXIT_OK
@@ -515,6 +939,7 @@ def _cmd_status(cli: _Cli) -> int:
             ("token", f"{status.token_label} ({status.manufacturer} {status.model})"),
             ("module", status.module),
             ("keys", status.keys),
+            ("server", f"{probe.url} {probe.detail}" if probe.url is not None else probe.detail),
         ]
     )
     cmd = "hsmkeys" if cli.args.config is None else f"hsmkeys --config {cli.args.config}"
@@ -936,12 +1361,23 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def command_group(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str, metavar: str
+    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        return group.add_parser(name, help=text, description=text).add_subparsers(
+            dest=f"{name}_command", required=True, metavar=metavar
+        )
+
     def input_file(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--in", dest="in_file", metavar="FILE", help="read the input from FILE, not stdin")
 
     def context(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--context", action="append", type=_pair_arg, metavar="K=V", help="encryption context pair (repeat)"
+            "--context",
+            action="extend",
+            type=_context_arg,
+            metavar="K=V[,K=V]",
+            help='encryption context: K=V pairs, comma-separated as in the aws CLI, or a JSON object; repeatable',
         )
 
     sub = command(commands, "init", _cmd_init, "create the catalog (and, for SoftHSM2, the token)")
@@ -956,13 +1392,21 @@ def _parser() -> argparse.ArgumentParser:
         help="write a self-signed TLS certificate and key (0600) for localhost/127.0.0.1 at "
         "server.tls_cert/tls_key, else beside the catalog; prints the AWS_CA_BUNDLE to trust it",
     )
-    command(commands, "status", _cmd_status, "show the token, module and number of keys")
+    sub = command(
+        commands, "status", _cmd_status, "show the token, module, number of keys and whether a server answers"
+    )
+    sub.add_argument(
+        "--endpoint",
+        metavar="URL",
+        default=None,
+        help="check the server at URL (GET /healthz; default: the config's server.host and port)",
+    )
 
     keys = commands.add_parser("keys", help="create and manage keys").add_subparsers(
         dest="keys_command", required=True, metavar="<keys command>"
     )
     sub = command(keys, "create", _cmd_keys_create, "create a key")
-    sub.add_argument("--description", default="")
+    sub.add_argument("--description", default="", help="free text shown by describe and list")
     sub.add_argument("--key-spec", default=None, metavar="S", help="e.g. SYMMETRIC_DEFAULT, ECC_NIST_P256, HMAC_256")
     sub.add_argument("--key-usage", default=None, metavar="U", help="ENCRYPT_DECRYPT, SIGN_VERIFY, GENERATE_VERIFY_MAC")
     sub.add_argument("--tag", action="append", type=_pair_arg, metavar="K=V", help="tag (repeat)")
@@ -976,20 +1420,76 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command(keys, name, handler, text).add_argument("key", metavar="KEY", help="key id, ARN or alias")
     sub = command(keys, "schedule-deletion", _cmd_keys_schedule_deletion, "schedule a key's deletion")
-    sub.add_argument("key", metavar="KEY")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
     sub.add_argument("--days", type=int, default=None, help="pending window, 7-30 (default 30)")
+
+    rotation = command_group(keys, "rotation", "automatic rotation of a symmetric key", "<rotation command>")
+    for name, text in (
+        ("enable", "rotate the key automatically (maintenance makes the new version when due)"),
+        ("disable", "stop rotating the key automatically"),
+        ("status", "show whether the key rotates, how often and when next"),
+    ):
+        sub = command(rotation, name, _cmd_keys_rotation, text)
+        sub.add_argument("key", metavar="KEY", help="key id or ARN")
+        if name == "enable":
+            sub.add_argument(
+                "--period-days", type=int, default=None, metavar="N", help="rotate every N days, 90-2560 (default 365)"
+            )
+    sub = command(keys, "tag", _cmd_keys_tag, "add or replace tags on a key")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    sub.add_argument("tags", nargs="+", type=_pair_arg, metavar="K=V", help="tags to set")
+    sub = command(keys, "untag", _cmd_keys_untag, "remove tags from a key")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    sub.add_argument("tag_keys", nargs="+", metavar="K", help="tag keys to remove")
+    command(keys, "tags", _cmd_keys_tags, "list a key's tags").add_argument("key", metavar="KEY", help="key id or ARN")
+    policy = command_group(keys, "policy", "read or replace a key's key policy", "<policy command>")
+    command(policy, "get", _cmd_keys_policy_get, "print the key policy (JSON)").add_argument(
+        "key", metavar="KEY", help="key id or ARN"
+    )
+    sub = command(policy, "put", _cmd_keys_policy_put, "replace the key policy with a JSON document")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    sub.add_argument("file", metavar="FILE", help="the policy document; - reads stdin")
+    sub.add_argument(
+        "--bypass-policy-lockout-safety-check",
+        action="store_true",
+        help="accept a policy that would lock you out of PutKeyPolicy (as KMS's flag)",
+    )
+
+    grants = command_group(commands, "grants", "create, list and revoke grants on a key", "<grants command>")
+    sub = command(grants, "create", _cmd_grants_create, "let a principal use a key; print the grant id and token")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    sub.add_argument("--grantee", required=True, metavar="ARN", help="the principal the grant is for")
+    sub.add_argument(
+        "--operations",
+        required=True,
+        type=_operations_arg,
+        metavar="OPS",
+        help="comma-separated KMS operations, e.g. Encrypt,Decrypt,GenerateDataKey",
+    )
+    sub.add_argument("--name", default=None, metavar="N", help="a name for the grant (retries reuse it)")
+    sub.add_argument(
+        "--retiring-principal", default=None, metavar="ARN", help="a principal that may retire the grant"
+    )
+    command(grants, "list", _cmd_grants_list, "list a key's grants").add_argument(
+        "key", metavar="KEY", help="key id or ARN"
+    )
+    sub = command(grants, "revoke", _cmd_grants_revoke, "revoke a grant")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    sub.add_argument("grant_id", metavar="GRANT_ID", help="as printed by grants create or grants list")
 
     alias = commands.add_parser("alias", help="manage aliases").add_subparsers(
         dest="alias_command", required=True, metavar="<alias command>"
     )
     sub = command(alias, "create", _cmd_alias_create, "point a new alias at a key")
     sub.add_argument("name", metavar="NAME", help="alias/NAME (the prefix is added if missing)")
-    sub.add_argument("key", metavar="KEY")
-    command(alias, "delete", _cmd_alias_delete, "delete an alias").add_argument("name", metavar="NAME")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN")
+    command(alias, "delete", _cmd_alias_delete, "delete an alias").add_argument(
+        "name", metavar="NAME", help="alias/NAME (the prefix is added if missing)"
+    )
     command(alias, "list", _cmd_alias_list, "list aliases")
 
     sub = command(commands, "encrypt", _cmd_encrypt, "encrypt stdin; print the base64 ciphertext blob")
-    sub.add_argument("--key-id", required=True, metavar="ID")
+    sub.add_argument("--key-id", required=True, metavar="ID", help="key id, ARN or alias")
     context(sub)
     input_file(sub)
     sub = command(commands, "decrypt", _cmd_decrypt, "decrypt a base64 blob from stdin; write the plaintext")
@@ -997,20 +1497,36 @@ def _parser() -> argparse.ArgumentParser:
     context(sub)
     input_file(sub)
 
+    sub = command(
+        commands, "data-key", _cmd_data_key, "GenerateDataKey: print a new data key and its encrypted copy (base64)"
+    )
+    sub.add_argument("--key-id", required=True, metavar="ID", help="key id, ARN or alias of a symmetric key")
+    sub.add_argument(
+        "--key-spec", default="AES_256", choices=["AES_256", "AES_128"], help="data key length (default AES_256)"
+    )
+    context(sub)
+
     for name, handler, text in (
         ("sign", _cmd_sign, "sign stdin; print the base64 signature"),
         ("verify", _cmd_verify, "verify a signature of stdin (exit 0 valid, 1 invalid)"),
     ):
         sub = command(commands, name, handler, text)
-        sub.add_argument("--key-id", required=True, metavar="ID")
+        sub.add_argument("--key-id", required=True, metavar="ID", help="key id, ARN or alias")
         sub.add_argument("--algorithm", required=True, metavar="A", help="e.g. ECDSA_SHA_256")
-        sub.add_argument("--message-type", default="RAW", choices=["RAW", "DIGEST"])
+        sub.add_argument(
+            "--message-type",
+            default="RAW",
+            choices=["RAW", "DIGEST"],
+            help="RAW: the input is the message; DIGEST: it is already hashed (default RAW)",
+        )
         if name == "verify":
-            sub.add_argument("--signature", required=True, type=_base64_arg, metavar="B64")
+            sub.add_argument(
+                "--signature", required=True, type=_base64_arg, metavar="B64", help="the signature, base64"
+            )
         input_file(sub)
 
     sub = command(commands, "public-key", _cmd_public_key, "print a key's public key (PEM)")
-    sub.add_argument("key", metavar="KEY")
+    sub.add_argument("key", metavar="KEY", help="key id, ARN or alias")
     sub.add_argument("--der", action="store_true", help="write DER bytes instead of PEM")
 
     for name, handler, text in (
@@ -1018,11 +1534,37 @@ def _parser() -> argparse.ArgumentParser:
         ("verify-mac", _cmd_verify_mac, "verify a MAC of stdin (exit 0 valid, 1 invalid)"),
     ):
         sub = command(commands, name, handler, text)
-        sub.add_argument("--key-id", required=True, metavar="ID")
+        sub.add_argument("--key-id", required=True, metavar="ID", help="key id, ARN or alias")
         sub.add_argument("--algorithm", required=True, metavar="A", help="e.g. HMAC_SHA_256")
         if name == "verify-mac":
-            sub.add_argument("--mac", required=True, type=_base64_arg, metavar="B64")
+            sub.add_argument("--mac", required=True, type=_base64_arg, metavar="B64", help="the MAC, base64")
         input_file(sub)
+
+    for name, handler, text in (
+        ("encrypt-file", _cmd_encrypt_file, "encrypt IN to OUT as an AWS Encryption SDK message (streamed)"),
+        ("decrypt-file", _cmd_decrypt_file, "decrypt an AWS Encryption SDK message IN to OUT (streamed)"),
+    ):
+        sub = command(commands, name, handler, text)
+        sub.add_argument("input", metavar="IN", help="input file, - for stdin")
+        sub.add_argument("output", metavar="OUT", help="output file (written 0600, in place on success), - for stdout")
+        if name == "encrypt-file":
+            sub.add_argument(
+                "--key-id", required=True, action="append", metavar="ID", help="key id, ARN or alias (repeat: each wraps the data key)"
+            )
+            sub.add_argument("--no-cache", action="store_true", help="no data key cache (one GenerateDataKey per message)")
+        else:
+            sub.add_argument(
+                "--key-id", action="append", metavar="ID", help="decrypt only with these keys (default: any key of this store)"
+            )
+        sub.add_argument(
+            "--context",
+            action="append",
+            type=_pair_arg,
+            metavar="K=V",
+            help="encryption context pair (repeat)"
+            + ("; decrypt-file exits 1 unless the message's context has it" if name == "decrypt-file" else ""),
+        )
+        sub.add_argument("--progress", action="store_true", help="progress on stderr (default: only on a TTY, large files)")
 
     command(commands, "maintain", _cmd_maintain, "do due rotations and purges now")
     sub = command(commands, "doctor", _cmd_doctor, "compare HSM and catalog (exit 1 if they drifted)")

@@ -132,6 +132,8 @@ class KeyStore:
         self._audit = audit
         self._principals: dict[str, Principal] = dict(principals or {})
         self._policies: dict[str, tuple[CompiledPolicy, bool]] = {}
+        self._default_policy = default_key_policy(account_id)
+        self._arns: dict[uuid.UUID, str] = {}
         self._public_keys: dict[KeyVersionRef, CachedPublicKey] = {}
         self._rejections: dict[str | None, tuple[float, int, str, str]] = {}
 
@@ -360,6 +362,12 @@ class KeyStore:
                 log.info("event=audit_key_created label=%s", AUDIT_KEY_REF.label)
             return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
 
+    def rotate_audit_log(self) -> Path:
+        """Start a new audit file linked to the current one (``hsmkeys audit rotate``)."""
+        if self._audit is None:
+            raise KMSInternalException("no audit log is configured (audit_log in the config)")
+        return self._audit.rotate()
+
     def catalog_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
         """The newest audit checkpoint the catalog holds for a log (its resolved path)."""
         return self._catalog.get_audit_checkpoint(log_id)
@@ -427,13 +435,12 @@ class KeyStore:
                 cond["kms:EncryptionContextKeys"] = tuple(raw)
         compiled = None
         if key is not None:
-            cond["kms:KeySpec"] = key.spec.value
-            cond["kms:KeyUsage"] = key.usage.value
-            cond["kms:KeyOrigin"] = key.origin.value
+            cond["kms:KeySpec"] = key.spec  # StrEnum members are their strings
+            cond["kms:KeyUsage"] = key.usage
+            cond["kms:KeyOrigin"] = key.origin
             if request_alias is not None:
                 cond["kms:RequestAlias"] = request_alias
-            policy_text = key.policy or default_key_policy(self._scope.account_id)
-            compiled, wants_aliases = self._compiled_policy(policy_text)
+            compiled, wants_aliases = self._compiled_policy(key.policy or self._default_policy)
             if wants_aliases:
                 cond["kms:ResourceAliases"] = tuple(
                     a.name for a in self._catalog.list_aliases(limit=1000, key_uuid=key.key_uuid)
@@ -442,18 +449,20 @@ class KeyStore:
             cond.update(extra)
         arn = self._arn(key.key_uuid) if key is not None else "*"
         request = AuthzRequest(
-            principal=principal,
-            action=role.action,
-            resource=resource or arn,
-            key_account=self._scope.account_id if key is not None else None,
-            context=cond,
-            grant_operation=role.grant_operation,
-            encryption_context=context,
+            principal,
+            role.action,
+            resource or arn,
+            self._scope.account_id if key is not None else None,
+            cond,
+            role.grant_operation,
+            context,
         )
-        grants: tuple[Any, ...] = ()
-        if key is not None and role.grant_operation is not None:
-            grants = self._catalog.grants_for_key(key.key_uuid)  # decide() matches grantees (and roles)
-        decision = decide(request, key_policy=compiled, grants=grants)
+        decision = decide(request, key_policy=compiled)
+        if not decision.allowed and not decision.explicit_deny and key is not None and role.grant_operation:
+            # Grants only matter when no policy allows: read them only then.
+            grants = self._catalog.grants_for_key(key.key_uuid)
+            if grants:
+                decision = decide(request, key_policy=compiled, grants=grants)
         call.decisions.append(("allow " if decision.allowed else "deny ") + decision.by)
         if not decision.allowed:
             raise access_denied(request, decision)
@@ -482,7 +491,12 @@ class KeyStore:
     # ================================================================ internals
 
     def _arn(self, key_uuid: uuid.UUID) -> str:
-        return self._scope.key_arn(key_uuid)
+        arn = self._arns.get(key_uuid)
+        if arn is None:
+            if len(self._arns) >= 65536:
+                self._arns.clear()
+            arn = self._arns[key_uuid] = self._scope.key_arn(key_uuid)
+        return arn
 
     def _now(self) -> datetime:
         return self._clock.now()

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from hsmkeys.authz.conditions import Env
-from hsmkeys.authz.model import AuthzRequest, Decision, GrantView
+from hsmkeys.authz.model import AuthzRequest, Decision, GrantLike
 from hsmkeys.authz.policy import CompiledPolicy, PrincipalMatch, Statement, caller_of
 from hsmkeys.errors import AccessDeniedException
 
@@ -96,7 +96,7 @@ def _first_applying(statements: tuple[Statement, ...], resource: str, env: Env) 
 
 
 def decide(request: AuthzRequest, *, key_policy: CompiledPolicy | None,
-           grants: Sequence[GrantView] = ()) -> Decision:
+           grants: Sequence[GrantLike] = ()) -> Decision:
     """May ``request.principal`` perform ``request.action`` on ``request.resource``?"""
     principal = request.principal
     caller = caller_of(principal.arn)
@@ -107,12 +107,11 @@ def decide(request: AuthzRequest, *, key_policy: CompiledPolicy | None,
     env = Env(principal, request.context)
     identity = _identity_policy(request)
 
-    key_allows: tuple[Statement, ...] = ()
+    key_allows: tuple[tuple[Statement, int], ...] = ()
     if key_policy is not None:
-        denies, key_allows = key_policy.for_action(action)
+        denies, key_allows = key_policy.for_caller(action, caller)
         for st in denies:
-            assert st.principals is not None
-            if st.principals.match(caller) and st.applies(resource, env):
+            if st.applies(resource, env):
                 return Decision(False, f"key-policy:{st.label}", True, RESOURCE_BASED)
     identity_allows: tuple[Statement, ...] = ()
     if identity is not None:
@@ -121,7 +120,8 @@ def decide(request: AuthzRequest, *, key_policy: CompiledPolicy | None,
         if denied is not None:
             return Decision(False, f"identity-policy:{denied.label}", True, IDENTITY_BASED)
 
-    if resource == "*":
+    if resource == "*" or key_policy is None:
+        # No resource policy (keyless operations, and aliases): identity policies alone.
         if is_root and account:
             return Decision(True, "account-root")
         allowing = _first_applying(identity_allows, resource, env)
@@ -131,10 +131,8 @@ def decide(request: AuthzRequest, *, key_policy: CompiledPolicy | None,
 
     direct: Statement | None = None
     delegated: Statement | None = None
-    for st in key_allows:
-        assert st.principals is not None
-        level = st.principals.match(caller)
-        if level == PrincipalMatch.NONE or not st.applies(resource, env):
+    for st, level in key_allows:
+        if not st.applies(resource, env):
             continue
         if level == PrincipalMatch.DIRECT:
             direct = st
@@ -159,8 +157,8 @@ def decide(request: AuthzRequest, *, key_policy: CompiledPolicy | None,
                     IDENTITY_BASED if key_statement is not None else RESOURCE_BASED)
 
 
-def _matching_grant(grants: Sequence[GrantView], arn: str, role: str | None, operation: str,
-                    context: Mapping[str, str] | None) -> GrantView | None:
+def _matching_grant(grants: Sequence[GrantLike], arn: str, role: str | None, operation: str,
+                    context: Mapping[str, str] | None) -> GrantLike | None:
     for grant in grants:
         if grant.grantee_principal != arn and (role is None or grant.grantee_principal != role):
             continue
@@ -172,7 +170,7 @@ def _matching_grant(grants: Sequence[GrantView], arn: str, role: str | None, ope
     return None
 
 
-def grant_constraints_hold(grant: GrantView, context: Mapping[str, str]) -> bool:
+def grant_constraints_hold(grant: GrantLike, context: Mapping[str, str]) -> bool:
     """KMS's grant constraints: context keys compared case-insensitively, values exactly."""
     equals, subset = grant.encryption_context_equals, grant.encryption_context_subset
     if equals is None and subset is None:

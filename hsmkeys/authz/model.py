@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 # A condition key's value in a request: one string, a set of strings (multi-valued keys
 # such as kms:EncryptionContextKeys or kms:GrantOperations), a bool, a number or a time.
@@ -42,6 +43,25 @@ class Principal:
         if m is None or m.group(1) != "iam" or not m.group(3).startswith("user/"):
             return None
         return m.group(3).rsplit("/", 1)[-1]
+
+
+class GrantLike(Protocol):
+    """What authorization reads of a grant (GrantView, or the catalog's GrantRecord)."""
+
+    @property
+    def grant_id(self) -> str: ...
+
+    @property
+    def grantee_principal(self) -> str: ...
+
+    @property
+    def operations(self) -> tuple[str, ...]: ...
+
+    @property
+    def encryption_context_equals(self) -> Mapping[str, str] | None: ...
+
+    @property
+    def encryption_context_subset(self) -> Mapping[str, str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,7 +134,7 @@ class CompiledPolicy:
     the statements would compute anyway (safe to share between threads).
     """
 
-    __slots__ = ("_by_action", "_statements", "id", "kind", "statements", "version")
+    __slots__ = ("_by_action", "_by_caller", "_statements", "id", "kind", "statements", "version")
 
     _MEMO_LIMIT: Final = 1024
 
@@ -146,6 +146,9 @@ class CompiledPolicy:
         self._statements = tuple(statements)
         self.statements: tuple[Statement, ...] = tuple(s.statement for s in statements)
         self._by_action: dict[str, tuple[tuple[Statement, ...], tuple[Statement, ...]]] = {}
+        self._by_caller: dict[
+            tuple[str, str], tuple[tuple[Statement, ...], tuple[tuple[Statement, int], ...]]
+        ] = {}
 
     @property
     def sids(self) -> tuple[str, ...]:
@@ -164,6 +167,30 @@ class CompiledPolicy:
         found = (denies, allows)
         if len(self._by_action) < self._MEMO_LIMIT:
             self._by_action[action] = found
+        return found
+
+    def for_caller(
+        self, action: str, caller: Caller
+    ) -> tuple[tuple[Statement, ...], tuple[tuple[Statement, int], ...]]:
+        """A key policy's statements for one caller and action: (Deny statements whose
+        Principal names the caller, (Allow statement, PrincipalMatch level) pairs), in
+        document order. Memoised: a decision is then a dict lookup plus conditions."""
+        memo_key = (action, caller.arn)
+        found = self._by_caller.get(memo_key)
+        if found is not None:
+            return found
+        denies, allows = self.for_action(action)
+        found = (
+            tuple(st for st in denies if st.principals is not None and st.principals.match(caller)),
+            tuple(
+                (st, level)
+                for st in allows
+                if st.principals is not None and (level := st.principals.match(caller)) != PrincipalMatch.NONE
+            ),
+        )
+        if len(self._by_caller) >= self._MEMO_LIMIT:
+            self._by_caller.clear()
+        self._by_caller[memo_key] = found
         return found
 
     def __repr__(self) -> str:

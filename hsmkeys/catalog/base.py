@@ -34,6 +34,12 @@ class KeyRecord:
     deletion_date: datetime | None = None
     pending_window_days: int | None = None
     policy: str | None = None  # key policy JSON document
+    # Imported (Origin EXTERNAL) key material: when it expires (None: never, or not
+    # imported), "KEY_MATERIAL_EXPIRES"/"KEY_MATERIAL_DOES_NOT_EXPIRE", and a check
+    # value computed in the HSM that tells whether re-imported material is the same.
+    valid_to: datetime | None = None
+    expiration_model: str | None = None
+    material_fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,10 @@ class Catalog(Protocol):
 
     def keys_due_rotation(self, now: datetime) -> list[KeyRecord]:
         """Enabled keys whose next_rotation_at is set and <= now."""
+        ...
+
+    def keys_material_expired(self, now: datetime) -> list[KeyRecord]:
+        """Keys with imported material whose valid_to <= now (not PendingImport already)."""
         ...
 
     def keys_due_purge(self, now: datetime) -> list[KeyRecord]:

@@ -136,19 +136,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             time INTEGER NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE keys ADD COLUMN valid_to INTEGER",
+        "ALTER TABLE keys ADD COLUMN expiration_model TEXT",
+        "ALTER TABLE keys ADD COLUMN material_fingerprint TEXT",
+        "CREATE INDEX keys_by_valid_to ON keys (valid_to) WHERE valid_to IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _KEY_COLUMNS = (
     "uuid, spec, usage, origin, state, description, created_at, current_version, "
-    "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy"
+    "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy, "
+    "valid_to, expiration_model, material_fingerprint"
 )
 _GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = ?"
-_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})"
 _UPDATE_KEY = (
     "UPDATE keys SET spec = ?, usage = ?, origin = ?, state = ?, description = ?, "
     "created_at = ?, current_version = ?, rotation_period_days = ?, next_rotation_at = ?, "
-    "deletion_date = ?, pending_window_days = ?, policy = ? WHERE uuid = ?"
+    "deletion_date = ?, pending_window_days = ?, policy = ?, valid_to = ?, expiration_model = ?, "
+    "material_fingerprint = ? WHERE uuid = ?"
+)
+_MATERIAL_EXPIRED = (
+    f"SELECT {_KEY_COLUMNS} FROM keys WHERE valid_to IS NOT NULL AND valid_to <= ? AND state != ? "
+    "ORDER BY valid_to, uuid"
 )
 _LIST_KEYS = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid > ? ORDER BY uuid LIMIT ?"
 _LIST_KEYS_BUT_STATE = (
@@ -221,6 +233,9 @@ def _key_from_row(row: Any, key_uuid: uuid.UUID | None = None) -> KeyRecord:
         deletion_date=_from_us_or_none(row[10]),
         pending_window_days=row[11],
         policy=row[12],
+        valid_to=_from_us_or_none(row[13]),
+        expiration_model=row[14],
+        material_fingerprint=row[15],
     )
 
 
@@ -239,6 +254,9 @@ def _key_values(key: KeyRecord) -> tuple[object, ...]:
         _to_us_or_none(key.deletion_date),
         key.pending_window_days,
         key.policy,
+        _to_us_or_none(key.valid_to),
+        key.expiration_model,
+        key.material_fingerprint,
     )
 
 
@@ -628,6 +646,11 @@ class SqliteCatalog:
         """Enabled keys whose next_rotation_at is set and <= now, soonest first."""
         rows = self._read("keys_due_rotation", _DUE_ROTATION, (KeyState.ENABLED.value, _to_us(now)))
         return self._keys(rows, "keys_due_rotation")
+
+    def keys_material_expired(self, now: datetime) -> list[KeyRecord]:
+        """Keys with imported material whose valid_to <= now (not PendingImport already)."""
+        params = (_to_us(now), KeyState.PENDING_IMPORT.value)
+        return self._keys(self._read("keys_material_expired", _MATERIAL_EXPIRED, params), "keys_material_expired")
 
     def keys_due_purge(self, now: datetime) -> list[KeyRecord]:
         """PendingDeletion keys whose deletion_date <= now, and every Purging key."""

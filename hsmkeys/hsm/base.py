@@ -92,7 +92,7 @@ def fingerprint(kind: str, value: bytes) -> bytes:
     """SHA-256 over a domain tag and what the HSM computed with the key.
 
     ``kind`` is ``"aes"`` (value: AES-GCM of FINGERPRINT_BLOCK under FINGERPRINT_IV /
-    FINGERPRINT_AAD, ciphertext || tag), ``"hmac"`` (value: HMAC-SHA-256 of
+    FINGERPRINT_AAD, ciphertext || tag), ``"hmac"`` (value: HMAC-SHA-224 of
     FINGERPRINT_MESSAGE) or ``"spki"`` (value: the public key's DER SPKI). One-way: it
     reveals neither the key nor a keystream block.
     """

@@ -322,7 +322,7 @@ class MemoryHsm:
             return fingerprint(
                 "aes", AESGCM(material).encrypt(FINGERPRINT_IV, FINGERPRINT_BLOCK, FINGERPRINT_AAD)
             )
-        h = hmac.HMAC(material, hashes.SHA256())
+        h = hmac.HMAC(material, hashes.SHA224())
         h.update(FINGERPRINT_MESSAGE)
         return fingerprint("hmac", h.finalize())
 

@@ -82,6 +82,7 @@ from hsmkeys.hsm.base import (
     FINGERPRINT_BLOCK,
     FINGERPRINT_IV,
     FINGERPRINT_MESSAGE,
+    HMAC_IMPORT_BYTES,
     OAEP_ALGORITHMS,
     SYMMETRIC_IMPORT_BYTES,
     WRAPPING_ALGORITHMS,
@@ -217,6 +218,14 @@ _SIGNING_HASH: MappingProxyType[SigningAlgorithm, _HashInfo] = MappingProxyType(
         SigningAlgorithm.ECDSA_SHA_256: _SHA256,
         SigningAlgorithm.ECDSA_SHA_384: _SHA384,
         SigningAlgorithm.ECDSA_SHA_512: _SHA512,
+    }
+)
+_SPEC_MAC: MappingProxyType[KeySpec, MacAlgorithm] = MappingProxyType(
+    {
+        KeySpec.HMAC_224: MacAlgorithm.HMAC_SHA_224,
+        KeySpec.HMAC_256: MacAlgorithm.HMAC_SHA_256,
+        KeySpec.HMAC_384: MacAlgorithm.HMAC_SHA_384,
+        KeySpec.HMAC_512: MacAlgorithm.HMAC_SHA_512,
     }
 )
 #: CK_RSA_PKCS_OAEP_PARAMS for import unwrapping (empty label).
@@ -417,6 +426,7 @@ class Pkcs11Hsm:
         try:
             for attempt in (1, 2):
                 try:
+                    self._live_session()  # (re)opened before op reads the cache it resets
                     return op()
                 except _LOST as exc:
                     log.warning(
@@ -532,7 +542,8 @@ class Pkcs11Hsm:
         return found
 
     def _build_index(self) -> None:
-        self._cache.objects.update(self._scan())
+        index = self._scan()
+        self._cache.objects.update(index)
         self._cache.indexed = True
 
     def _search(self, ref: KeyVersionRef) -> _KeyObjects | None:
@@ -979,21 +990,23 @@ class Pkcs11Hsm:
     ) -> None:
         """See :meth:`Hsm.import_key`. Every step is a C_UnwrapKey inside the HSM:
 
-        * RSAES_OAEP_SHA_1: OAEP into a session staging object (sensitive; extractable
-          only so that the next step can run), wrapped with AES-KWP under a session AES
-          key made in the HSM (only the ciphertext, under a key that never leaves the
-          HSM, is seen here; its length is the material's rounded up to 8 bytes), then
-          KWP-unwrapped into the token object.
+        * RSAES_OAEP_SHA_1: OAEP straight into the token object. To learn the length
+          first, an OAEP unwrap into a session staging object (sensitive; extractable
+          only for this) is wrapped with AES-KWP under a session AES key made in the
+          HSM: only that ciphertext's length (the material's, rounded up to 8) is used.
         * RSA_AES_KEY_WRAP_SHA_1 (no module here has CKM_RSA_AES_KEY_WRAP, and
           python-pkcs11 cannot pass its parameters): OAEP into a session AES key
           (UNWRAP only, sensitive, non-extractable), then CKM_AES_KEY_WRAP_PAD of the
           material into the token object (PKCS#8 for RSA/ECC).
 
         Length checks: the HSM reveals an unwrapped key's length only to 8 bytes (KWP;
-        SoftHSM2 reports CKA_VALUE_LEN 0). AES: 25..32 bytes plus an AES-GCM probe
-        (SoftHSM2 refuses AES keys of a non-AES size) = exactly 32. HMAC: a length up to
-        7 bytes under the minimum is accepted; an HMAC key that short is, under
-        RFC 2104's zero padding, the same key as the allowed one ending in zero bytes.
+        SoftHSM2 reports CKA_VALUE_LEN 0), then the new key is used once
+        (:meth:`_probe_length`). AES: 25..32 bytes and an AES-GCM probe (SoftHSM2 refuses
+        AES keys of a non-AES size) = exactly 32. HMAC: the upper bounds are multiples of
+        8, so exact; the lower bound is exact on SoftHSM2 (it refuses HMAC keys shorter
+        than the digest, and AWS's minimum is the digest length). A module that accepts
+        them would take a key up to 7 bytes short: under RFC 2104's zero padding that is
+        the same key as an allowed one ending in zero bytes.
         """
         if usage not in keyspecs.ALLOWED_USAGES[spec]:
             raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
@@ -1032,66 +1045,79 @@ class Pkcs11Hsm:
         wrapped: bytes,
     ) -> _KeyObjects:
         session = self._live_session()
+        aes = spec is KeySpec.SYMMETRIC_DEFAULT
+        final: dict[str, Any] = {
+            "id": ref.object_id,
+            "label": ref.label,
+            "store": True,
+            "capabilities": _KEY_CAPABILITIES[usage],
+            "template": dict(_SECRET_TEMPLATE),
+        }
+        key_type = KeyType.AES if aes else KeyType.GENERIC_SECRET
         transient: list[Object] = []
         try:
             if algorithm in OAEP_ALGORITHMS:
                 if len(wrapped) != _modulus_len(unwrapper):
                     raise InvalidCiphertextException(INVALID_CIPHERTEXT)
+                oaep = {"mechanism": Mechanism.RSA_PKCS_OAEP, "mechanism_param": _OAEP_PARAMS[_hash_of(algorithm)]}
                 with self._mapped("unwrap", decrypt=True):
                     staging = unwrapper.unwrap_key(
                         ObjectClass.SECRET_KEY,
                         KeyType.GENERIC_SECRET,
                         wrapped,
-                        mechanism=Mechanism.RSA_PKCS_OAEP,
-                        mechanism_param=_OAEP_PARAMS[_hash_of(algorithm)],
                         store=False,
                         capabilities=MechanismFlag(0),
                         template={**_SESSION_SECRET, Attribute.EXTRACTABLE: True},
+                        **oaep,
                     )
                 transient.append(staging)
                 kek = session.generate_key(
-                    KeyType.AES,
-                    256,
-                    store=False,
-                    capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-                    template=dict(_SESSION_SECRET),
+                    KeyType.AES, 256, store=False, capabilities=MechanismFlag.WRAP, template=dict(_SESSION_SECRET)
                 )
                 transient.append(kek)
-                assert isinstance(kek, WrapMixin) and isinstance(kek, UnwrapMixin)
-                blob = _as_bytes(kek.wrap_key(staging, mechanism=Mechanism.AES_KEY_WRAP_PAD))
-                outer: UnwrapMixin = kek
+                assert isinstance(kek, WrapMixin)
+                # Only the length of this ciphertext is used. The token object is unwrapped
+                # from the customer's blob again: SoftHSM2 zero-pads a key to 8 bytes before
+                # C_WrapKey with KWP, so a re-wrapped key would not be the same material.
+                rounded = len(_as_bytes(kek.wrap_key(staging, mechanism=Mechanism.AES_KEY_WRAP_PAD))) - 8
+                check_secret_length(spec, rounded - 7, rounded)
+                with self._mapped("unwrap", decrypt=True):
+                    key = unwrapper.unwrap_key(ObjectClass.SECRET_KEY, key_type, wrapped, **oaep, **final)
             else:
                 outer, blob = self._ephemeral_aes(unwrapper, algorithm, wrapped, transient)
-            rounded = len(blob) - 8  # RFC 5649: 8-byte integrity block + material padded to 8
-            check_secret_length(spec, rounded - 7, rounded)
-            aes = spec is KeySpec.SYMMETRIC_DEFAULT
-            with self._mapped("unwrap", decrypt=True):
-                key = outer.unwrap_key(
-                    ObjectClass.SECRET_KEY,
-                    KeyType.AES if aes else KeyType.GENERIC_SECRET,
-                    blob,
-                    id=ref.object_id,
-                    label=ref.label,
-                    mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                    store=True,
-                    capabilities=_KEY_CAPABILITIES[usage],
-                    template=dict(_SECRET_TEMPLATE),
-                )
+                if len(blob) % 8 or len(blob) < 16:
+                    raise InvalidCiphertextException(INVALID_CIPHERTEXT)
+                rounded = len(blob) - 8  # RFC 5649: 8-byte integrity block + material padded to 8
+                check_secret_length(spec, rounded - 7, rounded)
+                with self._mapped("unwrap", decrypt=True):
+                    key = outer.unwrap_key(
+                        ObjectClass.SECRET_KEY, key_type, blob, mechanism=Mechanism.AES_KEY_WRAP_PAD, **final
+                    )
             objects = _KeyObjects()
             objects.add(key)
-            if aes:
-                try:
-                    _fingerprint_of(objects)  # SoftHSM2: MechanismInvalid for a key of a non-AES size
-                except ckr.PKCS11Error as exc:
-                    if isinstance(exc, _LOST):
-                        raise
-                    key.destroy()
-                    raise IncorrectKeyMaterialException(
-                        f"{spec} key material must be {SYMMETRIC_IMPORT_BYTES} bytes long."
-                    ) from None
+            self._probe_length(objects, spec)
             return objects
         finally:
             _destroy_quietly(transient)
+
+    def _probe_length(self, objects: _KeyObjects, spec: KeySpec) -> None:
+        """Use the new key once; a module that refuses it (SoftHSM2: an AES key of a non-AES
+        size, an HMAC key shorter than its digest) has the wrong material: destroy it."""
+        key = objects.secret
+        try:
+            if spec is KeySpec.SYMMETRIC_DEFAULT:
+                _fingerprint_of(objects)
+            else:
+                assert isinstance(key, SignMixin)
+                key.sign(b"", mechanism=_HMAC_MECHANISMS[_SPEC_MAC[spec]])
+        except _LOST:
+            raise
+        except ckr.PKCS11Error:
+            _destroy_quietly([o for o in (key,) if o is not None])
+            low, high = HMAC_IMPORT_BYTES.get(spec, (SYMMETRIC_IMPORT_BYTES, SYMMETRIC_IMPORT_BYTES))
+            raise IncorrectKeyMaterialException(
+                f"{spec} key material must be {low}" + ("" if low == high else f" to {high}") + " bytes long."
+            ) from None
 
     def _ephemeral_aes(
         self, unwrapper: UnwrapMixin, algorithm: str, wrapped: bytes, transient: list[Object]
@@ -1135,7 +1161,7 @@ class Pkcs11Hsm:
                 Attribute.ENCRYPT: DEFAULT,
                 Attribute.VERIFY: DEFAULT,
                 Attribute.WRAP: DEFAULT,
-                **({Attribute.SIGN_RECOVER: False} if rsa_key else {}),
+                Attribute.SIGN_RECOVER: False,  # SoftHSM2 defaults it to true on unwrapped keys
                 # SoftHSM2 applies attributes in order: MODIFIABLE=false must come last.
                 **_SECRET_TEMPLATE,
             }
@@ -1370,7 +1396,8 @@ def _fingerprint_of(objects: _KeyObjects) -> bytes:
             "aes", _as_bytes(key.encrypt(FINGERPRINT_BLOCK, mechanism=Mechanism.AES_GCM, mechanism_param=params))
         )
     if isinstance(key, SignMixin):
-        return fingerprint("hmac", _as_bytes(key.sign(FINGERPRINT_MESSAGE, mechanism=Mechanism.SHA256_HMAC)))
+        # SHA-224: SoftHSM2 refuses HMAC keys shorter than the digest; no HMAC key is under 28 bytes.
+        return fingerprint("hmac", _as_bytes(key.sign(FINGERPRINT_MESSAGE, mechanism=Mechanism.SHA224_HMAC)))
     raise InvalidKeyUsageException("the HSM object has no fingerprint")
 
 

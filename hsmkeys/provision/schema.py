@@ -127,7 +127,7 @@ class KeyEntry:
     """One ``keys:`` entry; ``None`` means "not managed" (see the module docstring)."""
 
     alias: str
-    label: str  # "file:line: alias" prefix for messages
+    file: str  # the file's name as given, for messages
     lines: Mapping[str, int]  # field -> line of its value (the entry's line under "")
     state: State = State.PRESENT
     description: str | None = None
@@ -145,9 +145,8 @@ class KeyEntry:
 
     def where(self, field_name: str) -> str:
         """``keys.yaml:7: alias/x: field`` for a message about ``field_name``."""
-        file, _, _ = self.label.partition(":")
         line = self.lines.get(field_name.split(".")[0], self.lines[""])
-        return f"{file}:{line}: {self.alias}: {field_name}"
+        return f"{self.file}:{line}: {self.alias}: {field_name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +501,7 @@ def _read_entry(reader: _Reader, node: Node, index: int) -> KeyEntry | None:
             return None
         return KeyEntry(
             alias=alias,
-            label=f"{reader.name}:{lines['']}: {alias}",
+            file=reader.name,
             lines=MappingProxyType(lines),
             state=state,
             pending_window_days=values.get("pending_window_days", DEFAULT_DELETION_DAYS),
@@ -553,7 +552,7 @@ def _read_entry(reader: _Reader, node: Node, index: int) -> KeyEntry | None:
     policy = values.get("policy", values.get("policy_file"))
     return KeyEntry(
         alias=alias,
-        label=f"{reader.name}:{lines['']}: {alias}",
+        file=reader.name,
         lines=MappingProxyType(lines),
         state=state,
         description=values.get("description"),

@@ -63,6 +63,7 @@ SUCCESS = "Success"  # the outcome name the KeyStore's audit lines use too
 UNKNOWN_OPERATION = "Unknown"  # metrics/audit label for targets outside the model (bounded cardinality)
 # A refused over-limit body is read and dropped up to this size before the 413.
 _DISCARD_MAX_BYTES = 8 * MAX_BODY_BYTES
+_REJECTION_FLUSH_SECONDS = 1.0
 _ACCEPTED_CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/x-amz-json-1.0"})
 
 
@@ -92,6 +93,8 @@ class RequestMetrics(Protocol):
 
 class ServedKeyStore(Protocol):
     def check_health(self) -> None: ...
+
+    def flush_rejections(self, *, older_than: float = 0.0) -> None: ...
 
     def audit_rejected(
         self,
@@ -132,7 +135,7 @@ def _log_internal(event: str, request_id: str, operation: str, exc: BaseExceptio
         event,
         request_id,
         operation,
-        type(exc).__name__,
+        f"{type(exc).__module__}.{type(exc).__qualname__}",  # a PKCS#11 error's class names its CKR
         detail,
         frames,
     )
@@ -154,10 +157,8 @@ class KmsApp:
         *,
         background: Sequence[BackgroundTask] = (),
         on_shutdown: Callable[[], None] | None = None,
-        secure: bool = False,
     ) -> None:
         self._keystore = keystore
-        self._secure = secure  # served over TLS: aws:SecureTransport
         self._verifier = verifier
         self._metrics = metrics
         self._dispatcher = Dispatcher(keystore)
@@ -288,7 +289,7 @@ class KmsApp:
                 principal=principal,
                 request_id=request_id,
                 source=source,
-                secure_transport=self._secure,
+                secure_transport=scope.get("scheme") == "https",
             )
         except KMSInternalException as exc:
             _log_internal("internal_error", request_id, op_name, exc)
@@ -410,11 +411,20 @@ class KmsApp:
 
     # ------------------------------------------------------------ lifespan
 
+    async def _flush_rejections(self) -> None:
+        """Write each closed one-second window of unauthenticated refusals (per source)."""
+        while True:
+            await asyncio.sleep(_REJECTION_FLUSH_SECONDS)
+            try:
+                self._keystore.flush_rejections(older_than=_REJECTION_FLUSH_SECONDS)
+            except Exception as exc:  # logged; the next tick tries again
+                _log_internal("audit_failed", "-", "RejectionSummary", exc)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                for task in self._background:
+                for task in (*self._background, self._flush_rejections):
                     self._tasks.append(asyncio.create_task(task()))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

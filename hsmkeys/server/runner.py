@@ -60,6 +60,7 @@ import dataclasses
 import fcntl
 import functools
 import ipaddress
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -128,6 +129,12 @@ _MAX_RESTARTS = 5
 _RESTART_WINDOW_S = 60.0
 _BACKLOG = 2048
 _EPHEMERAL_LABEL = "hsmkeys-ephemeral"
+#: The ephemeral admin's identity policy: every KMS action on every resource.
+EPHEMERAL_ADMIN_POLICY = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]},
+    sort_keys=True,
+    separators=(",", ":"),
+)
 _REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
@@ -221,7 +228,8 @@ def run_ephemeral(
 ) -> None:
     """Serve a throwaway SoftHSM2 token and catalog, removed on exit.
 
-    The admin principal ``arn:aws:iam::<account>:user/admin`` uses AWS_ACCESS_KEY_ID /
+    The admin principal ``arn:aws:iam::<account>:user/admin`` (identity policy: ``kms:*``
+    on ``*``) uses AWS_ACCESS_KEY_ID /
     AWS_SECRET_ACCESS_KEY from the environment when both are set; otherwise a key
     pair is generated and printed once. ``region`` and ``account_id`` default to
     HSMKEYS_REGION / HSMKEYS_ACCOUNT_ID, else us-east-1 / 111122223333. The audit log
@@ -320,6 +328,7 @@ def ephemeral_settings(
                 arn=f"arn:aws:iam::{account_id}:user/admin",
                 access_key_id=access_key_id,
                 secret_access_key_file=secret_file,
+                policy=EPHEMERAL_ADMIN_POLICY,
             ),
         ),
     )

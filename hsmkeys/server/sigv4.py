@@ -28,9 +28,11 @@ Errors (all from :mod:`hsmkeys.errors`), in the order they are checked:
   Credential/SignedHeaders/Signature, not key=value, credential not 5 parts),
   X-Amz-Date missing or not ISO-8601 basic, presigned query, a signed header
   absent from the request.
-- InvalidSignatureException: Host, X-Amz-Date, X-Amz-Target or Content-Type not
-  signed (boto3, the aws CLI and the Encryption SDK sign all four; unsigned, a
-  captured request could be replayed as another operation), scope region,
+- InvalidSignatureException: Host or X-Amz-Date not signed; X-Amz-Target or
+  Content-Type sent but not signed (boto3, the aws CLI and the Encryption SDK sign
+  all four; unsigned, a captured request could be replayed as another operation; a
+  request without them is refused by the app as UnknownOperationException or
+  SerializationException), scope region,
   service, terminator or date wrong, X-Amz-Date outside ``max_skew``, payload
   hash header wrong or unsigned, signature mismatch.
 - UnrecognizedClientException: unknown access key id, or a session token.
@@ -68,10 +70,13 @@ _MISMATCH = (
 # str.split() also splits on the ASCII separators 0x1c-0x1f; bytes.split() does not.
 _ASCII_SEPARATORS_TO_SPACE = bytes.maketrans(b"\x1c\x1d\x1e\x1f", b"    ")
 _PRESIGNED_QUERY_KEYS = ("X-Amz-Algorithm=", "X-Amz-Credential=", "X-Amz-Signature=")
-# Every KMS request must sign these (as AWS requires Host and X-Amz-Date, AWS's message).
+# Every request must sign these (AWS requires Host and X-Amz-Date, with this message).
 _REQUIRED_SIGNED_HEADERS = (
     (b"host", "'Host' or ':authority'"),
     (b"x-amz-date", "'X-Amz-Date'"),
+)
+# A request that sends these must sign them: they choose the operation and the body's parser.
+_SIGNED_WHEN_SENT = (
     (b"x-amz-target", "'X-Amz-Target'"),
     (b"content-type", "'Content-Type'"),
 )
@@ -185,6 +190,11 @@ class SigV4Verifier:
             if name not in signed_names:
                 raise InvalidSignatureException(
                     f"{label} must be a 'SignedHeader' in the AWS Authorization."
+                )
+        for name, label in _SIGNED_WHEN_SENT:
+            if name in fields and name not in signed_names:
+                raise InvalidSignatureException(
+                    f"{label} must be a 'SignedHeader' in the AWS Authorization when it is sent."
                 )
 
         scope = credential_value.split(b"/")

@@ -42,14 +42,18 @@ Fixtures:
     catalog, generated credentials. Stopped with SIGTERM at the end of the session;
     the session fails if it does not exit cleanly.
 ``hsmkeys_kms_client`` (session)
-    A boto3 ``kms`` client for ``hsmkeys_kms`` (no retries); skipped without boto3.
+    A boto3 ``kms`` client for ``hsmkeys_kms`` (no retries).
 
 Every test shares the session's token (and server): key ids are random UUIDs, so tests
 do not collide, but ``KeyStore.doctor`` sees other tests' objects as orphans — check
 doctor reports for your own refs, and run ``doctor(fix=True)`` only in a process of
 its own (for example with ``pytester.runpytest_subprocess``).
 
-Tests are skipped when SoftHSM2 (the module or ``softhsm2-util``) is not installed.
+What the fixtures need: ``pip install 'hsmkeys[pytest]'`` (pytest, boto3) and
+``apt-get install softhsm2``. A fixture that cannot run for want of either **fails**
+its test with one message saying what to install. A suite that runs where SoftHSM2
+may be absent can skip those tests instead: ``hsmkeys_require_softhsm = false`` in
+its pytest ini (the reason, with the same message, shows under ``-rs``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -74,7 +78,7 @@ if TYPE_CHECKING:
     from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
     from hsmkeys.keystore import KeyStore
 
-__all__ = ["SoftHsmToken"]
+__all__ = ["SoftHsmToken", "cannot_run", "softhsm_module_or_skip"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +92,27 @@ class SoftHsmToken:
 
 
 _REQUIRE_INI = "hsmkeys_require_softhsm"
-_require_softhsm = False
+_require_softhsm = True
+_INSTALL = "pip install 'hsmkeys[pytest]' and apt-get install softhsm2"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         _REQUIRE_INI,
-        "fail (rather than skip) SoftHSM2-backed tests when SoftHSM2 is not installed",
+        "hsmkeys fixtures that cannot run (no SoftHSM2, no boto3) fail their test (default true); "
+        "false skips it instead",
         type="bool",
-        default=False,
+        default=True,
     )
+
+
+def cannot_run(fixture: str, problem: str) -> NoReturn:
+    """Fail (or, with ``hsmkeys_require_softhsm = false``, skip) the test needing ``fixture``,
+    with one message naming what is missing and what to install."""
+    message = f"hsmkeys fixture {fixture!r} cannot run: {problem}. Install its dependencies: {_INSTALL}"
+    if _require_softhsm:
+        pytest.fail(f"{message} (or set {_REQUIRE_INI} = false in the pytest ini to skip)", pytrace=False)
+    pytest.skip(message)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,20 +121,20 @@ def pytest_configure(config: pytest.Config) -> None:
     _require_softhsm = bool(config.getini(_REQUIRE_INI))
 
 
-def softhsm_module_or_skip() -> str:
-    """The SoftHSM2 module's path. Without SoftHSM2 the test is skipped, or fails when
-    the ini option ``hsmkeys_require_softhsm`` is true (a suite whose CI installs it)."""
+def softhsm_module_or_skip(fixture: str = "softhsm_token") -> str:
+    """The SoftHSM2 module's path. Without SoftHSM2 the test fails saying what to install
+    (:func:`cannot_run`), or is skipped when the ini option ``hsmkeys_require_softhsm`` is false."""
     from hsmkeys.hsm import softhsm
 
     try:
         module = str(softhsm.find_module())
-        if shutil.which("softhsm2-util") is None:
-            raise ConfigError("softhsm2-util not found on PATH; install softhsm2")
     except ConfigError as exc:
-        if _require_softhsm:
-            pytest.fail(f"SoftHSM2 is required here: {exc}", pytrace=False)
-        pytest.skip(str(exc))
-    return module
+        problem = str(exc).rstrip(".")
+    else:
+        if shutil.which("softhsm2-util") is not None:
+            return module
+        problem = "softhsm2-util (package softhsm2) is not on PATH"
+    cannot_run(fixture, problem)  # outside the except: one message, no chained traceback
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +203,7 @@ def hsm_keystore(
 
 @pytest.fixture(scope="session")
 def hsmkeys_kms() -> Iterator[EphemeralKms]:
-    softhsm_module_or_skip()
+    softhsm_module_or_skip("hsmkeys_kms")
     kms = start_ephemeral_kms()
     try:
         yield kms
@@ -199,6 +214,17 @@ def hsmkeys_kms() -> Iterator[EphemeralKms]:
 
 
 @pytest.fixture(scope="session")
-def hsmkeys_kms_client(hsmkeys_kms: EphemeralKms) -> KMSClient:
-    pytest.importorskip("boto3")
+def _hsmkeys_boto3() -> None:
+    """Checks boto3 before ``hsmkeys_kms`` starts a server the client could not use."""
+    try:
+        import boto3  # noqa: F401
+    except ImportError as exc:
+        problem = f"boto3 is not importable ({exc})"
+    else:
+        return
+    cannot_run("hsmkeys_kms_client", problem)  # outside the except: no chained traceback
+
+
+@pytest.fixture(scope="session")
+def hsmkeys_kms_client(_hsmkeys_boto3: None, hsmkeys_kms: EphemeralKms) -> KMSClient:
     return hsmkeys_kms.client()

@@ -304,20 +304,24 @@ def test_audit_verify_passes_then_names_the_tampered_line(
 ) -> None:
     log_path = tmp_path / "audit.log"
     mac_source = KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock)
-    audited = KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock, audit=AuditLog(log_path, mac=mac_source.audit_mac))
+    audit = AuditLog(log_path, mac=mac_source.audit_mac, checkpoints=catalog)
+    audited = KeyStore(hsm=memory_hsm_backend, catalog=catalog, clock=clock, audit=audit)
     cli = run_main(audited, capsysbinary, monkeypatch)
     key = _create(cli)
     cli("encrypt", "--key-id", key, stdin=b"x")
+    audit.checkpoint()  # sign the tail now (the writer does within a second)
     ok = cli("audit", "verify", str(log_path))
     assert ok.code == 0 and ok.text.startswith("intact:"), ok
-    events = [json.loads(line) for line in log_path.read_text().splitlines()[1:]]
-    assert [e["operation"] for e in events] == ["CreateKey", "Encrypt"]
-    assert {e["source"] for e in events} == {"cli"}
     lines = log_path.read_text().splitlines(keepends=True)
-    lines[2] = lines[2].replace('"Encrypt"', '"Decrypt"')
+    events = [json.loads(line) for line in lines]
+    done = [e for e in events if e.get("phase") == "done"]
+    assert [e["operation"] for e in done] == ["CreateKey", "Encrypt"]
+    assert {e["source"] for e in done} == {"cli"}
+    at = next(i for i, e in enumerate(events) if e.get("phase") == "done" and e["operation"] == "Encrypt")
+    lines[at] = lines[at].replace('"Encrypt"', '"Decrypt"')
     log_path.write_text("".join(lines))
     bad = cli("audit", "verify", str(log_path))
-    assert bad.code == 1 and "line 3" in bad.text, bad
+    assert bad.code == 1 and f"line {at + 1}" in bad.text, bad
 
 
 # ------------------------------------------------------------------ config errors (no injected store)

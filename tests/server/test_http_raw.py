@@ -207,11 +207,7 @@ def test_unknown_path_and_method(kms_server: ServerProcess) -> None:
 
 
 def test_operation_the_server_lacks_is_unsupported(kms_server: ServerProcess) -> None:
-    out = kms_call(
-        kms_server,
-        "CreateGrant",
-        {"KeyId": "k", "GranteePrincipal": "p", "Operations": ["Encrypt"]},
-    )
+    out = kms_call(kms_server, "CreateCustomKeyStore", {"CustomKeyStoreName": "store"})
     assert out.status == 400
     assert out.error_code == "UnsupportedOperationException"
 

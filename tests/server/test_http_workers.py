@@ -75,7 +75,9 @@ def test_alias_and_rotation_are_shared(kms_server_two_workers: ServerProcess) ->
     assert (
         kms_call(server, "CreateAlias", {"AliasName": alias, "TargetKeyId": key_arn}).status == 200
     )
-    assert kms_call(server, "RotateKeyOnDemand", {"KeyId": alias}).status == 200
+    # KMS names the key by key id or ARN here, never by alias.
+    assert kms_call(server, "RotateKeyOnDemand", {"KeyId": alias}).error_code == "NotFoundException"
+    assert kms_call(server, "RotateKeyOnDemand", {"KeyId": key_arn}).status == 200
     seen = on_each_worker(lambda: kms_call(server, "ListKeyRotations", {"KeyId": key_arn}))
     assert all(len(r.json["Rotations"]) == 1 for r in seen.values())
     encrypted = on_each_worker(

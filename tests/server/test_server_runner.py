@@ -4,6 +4,7 @@ and the startup refusals (checked by stopping the runner where it would bind).""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import stat
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hsmkeys.authz import compile_policy
 from hsmkeys.config import HsmSettings, PrincipalSettings, ServerSettings, Settings
 from hsmkeys.errors import ConfigError, KMSInternalException
 from hsmkeys.models import MaintenanceReport
@@ -186,7 +188,7 @@ def test_plain_http_on_a_non_loopback_address_is_refused(tmp_path: Path, no_bind
 def test_configured_non_loopback_host_is_refused_too(tmp_path: Path, no_binding: None) -> None:
     settings = _servable(tmp_path)
     settings = replace(settings, server=replace(settings.server, host="0.0.0.0", port=0))
-    with pytest.raises(ConfigError, match="refusing plain HTTP on 0.0.0.0"):
+    with pytest.raises(ConfigError, match=r"refusing plain HTTP on 0\.0\.0\.0"):
         runner.run_server(settings)
 
 
@@ -265,7 +267,9 @@ def test_bad_ephemeral_scope_or_access_key_is_refused_before_making_a_token(
     tmp_path: Path, env: dict[str, str], kwargs: dict[str, str], field: str
 ) -> None:
     with pytest.raises(ConfigError, match=f"^{field}"):
-        runner.ephemeral_settings(tmp_path, env=env, **kwargs)
+        runner.ephemeral_settings(
+            tmp_path, env=env, region=kwargs.get("region"), account_id=kwargs.get("account_id")
+        )
     assert not (tmp_path / "softhsm2.conf").exists()
 
 
@@ -275,3 +279,11 @@ def test_ephemeral_settings_accept_an_emulator_style_access_key(tmp_path: Path) 
     assert not generated
     assert settings.principals[0].access_key_id == "test"
     assert settings.principals[0].secret_access_key() == "test"
+
+
+def test_ephemeral_admin_may_do_everything_by_identity_policy(tmp_path: Path) -> None:
+    settings, _ = runner.ephemeral_settings(tmp_path, env={})
+    (principal,) = settings.principals
+    assert principal.policy == runner.EPHEMERAL_ADMIN_POLICY
+    compile_policy(principal.policy, kind="identity")
+    assert json.loads(principal.policy)["Statement"] == [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]

@@ -146,3 +146,30 @@ def test_two_writers_in_one_process_share_the_chain(tmp_path: Path) -> None:
     files = audit_log_files(path)
     assert len(files) == 2 and "after-rotate" in request_ids([path])
     assert verify_audit_logs(files, hmac_sha256, checkpoint=None).ok
+
+
+def _child_records_one(log: AuditLog) -> None:
+    log.record(event("child"))
+    log.close()
+
+
+def test_fork_while_the_timer_is_pending_keeps_one_chain_and_the_parent_still_signs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, hmac_sha256, checkpoint_seconds=0.3)
+    log.record(event("parent-before"))  # unsigned: the parent's timer is armed
+    child = multiprocessing.get_context("fork").Process(target=_child_records_one, args=(log,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    log.record(event("parent-after"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if json.loads(path.read_bytes().splitlines()[-1]).get("kind") == "timer":
+            break
+        time.sleep(0.02)
+    assert json.loads(path.read_bytes().splitlines()[-1]).get("kind") == "timer"
+    log.close()
+    assert request_ids([path]) == ["parent-before", "child", "parent-after"]
+    assert verify_audit_logs([path], hmac_sha256, checkpoint=None).ok

@@ -342,3 +342,40 @@ def test_any_single_change_to_a_rotated_log_fails_verification(choice: st.DataOb
             paths.append(path)
         assert not verify_audit_logs(paths, hmac_sha256, checkpoint=None).ok
         assert not verify_audit_logs(paths, hmac_sha256, checkpoint=checkpoint).ok
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda o: o.update(mac="\u00e9" * 64),
+        lambda o: o.update(kind=["close"]),
+        lambda o: o.update(seq=True),
+        lambda o: o.update(chain=None),
+        lambda o: o.update(follows="x"),
+        lambda o: o.update(checkpoint=1),
+    ],
+)
+def test_hostile_checkpoint_fields_are_reported_not_raised(log: Log, change: Any) -> None:
+    lines = log.lines()
+    obj = json.loads(lines[-1])
+    change(obj)
+    lines[-1] = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    log.write(lines)
+    result = log.verify()
+    assert not result.ok and result.first_bad_line == len(lines)
+
+
+def test_hostile_break_marker_is_reported_not_raised(log: Log) -> None:
+    lines = log.lines()
+    marker = {
+        "break": ["x"],
+        "expected_chain": None,
+        "expected_seq": None,
+        "found_seq": None,
+        "prev": hashlib.sha256(lines[-1]).hexdigest(),
+        "seq": 99,
+        "time": "t",
+    }
+    log.write([*lines, (json.dumps(marker, sort_keys=True, separators=(",", ":")) + "\n").encode()])
+    result = log.verify()
+    assert not result.ok and result.first_bad_line == len(lines) + 1

@@ -7,7 +7,7 @@ import secrets
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from hsmkeys.catalog import SqliteCatalog
 from hsmkeys.catalog import sqlite as catalog_sqlite
 from hsmkeys.catalog.base import AuditCheckpoint, GrantRecord, KeyRecord
 from hsmkeys.errors import AlreadyExistsException, KMSInternalException, NotFoundException
+from hsmkeys.models import KeySpec, KeyState, KeyUsage, Origin
 
 ALICE = "arn:aws:iam::111122223333:role/alice"
 BOB = "arn:aws:iam::111122223333:role/bob"
@@ -333,20 +334,29 @@ def test_checkpoint_with_naive_time_is_refused(catalog: SqliteCatalog) -> None:
 # ------------------------------------------------------------------ migration
 
 
-def test_catalog_at_the_previous_schema_version_migrates_in_place(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    previous = catalog_sqlite.SCHEMA_VERSION - 1
-    with monkeypatch.context() as old_code:
-        old_code.setattr(catalog_sqlite, "MIGRATIONS", catalog_sqlite.MIGRATIONS[:previous])
-        old_code.setattr(catalog_sqlite, "SCHEMA_VERSION", previous)
-        old = SqliteCatalog(db_path)
-        key = add(old, description="from the old schema")
-        old.insert_alias(alias("alias/old", key))
-        old.put_tags(key.key_uuid, {"team": "a"})
-        assert old.schema_version == previous
-        old.close()
+def test_catalog_at_the_first_schema_version_migrates_in_place(db_path: Path) -> None:
+    """A file written by the first release (schema 1: no grants, checkpoints or import
+    columns) opens with today's code, its rows intact."""
     raw = sqlite3.connect(db_path)
+    for statement in catalog_sqlite.MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1, 1)")
+    key = KeyRecord(
+        key_uuid=uuid.uuid4(), spec=KeySpec.SYMMETRIC_DEFAULT, usage=KeyUsage.ENCRYPT_DECRYPT,
+        origin=Origin.AWS_KMS, state=KeyState.ENABLED, description="from the old schema",
+        created_at=T0, current_version=1, policy="{}",
+    )
+    micros = int((T0 - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000)
+    raw.execute(
+        "INSERT INTO keys (uuid, spec, usage, origin, state, description, created_at, current_version, policy) "
+        "VALUES (?, 'SYMMETRIC_DEFAULT', 'ENCRYPT_DECRYPT', 'AWS_KMS', 'Enabled', ?, ?, 1, '{}')",
+        (str(key.key_uuid), key.description, micros),
+    )
+    raw.execute("INSERT INTO key_versions VALUES (?, 1, ?, NULL)", (str(key.key_uuid), micros))
+    raw.execute("INSERT INTO aliases VALUES ('alias/old', ?, ?, ?)", (str(key.key_uuid), micros, micros))
+    raw.execute("INSERT INTO tags VALUES (?, 'team', 'a')", (str(key.key_uuid),))
+    raw.commit()
     tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     raw.close()
     assert "grants" not in tables and "audit_checkpoints" not in tables

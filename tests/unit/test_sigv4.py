@@ -671,6 +671,14 @@ def test_request_signed_without_target_or_content_type_is_invalid_signature(name
     assert_rejected(request, make_verifier(), InvalidSignatureException, "SignedHeader")
 
 
+@pytest.mark.parametrize("name", ["X-Amz-Target", "Content-Type"])
+def test_request_without_target_or_content_type_verifies_for_the_app_to_refuse(name: str) -> None:
+    # Nothing to replay: the app answers UnknownOperationException / SerializationException.
+    request = sign(headers=[(n, v) for n, v in KMS_HEADERS if n != name])
+    assert name.lower().encode() not in dict(request.headers)
+    assert request.verify(make_verifier())
+
+
 def test_captured_encrypt_replayed_as_another_operation_is_invalid_signature() -> None:
     captured = sign()
     assert captured.verify(make_verifier())

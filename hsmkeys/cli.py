@@ -770,7 +770,8 @@ def _envelope_files(cli: _Cli, verb: str) -> Iterator[tuple[Any, Any, int | None
     """(source, destination, source size if known, progress bar or None) for IN and OUT.
 
     OUT is written to a private (0600) temporary file beside it and renamed into place
-    only when the command succeeds, so a failed or refused message leaves no OUT.
+    only when the command succeeds, so a failed or refused message leaves no OUT (a
+    device or FIFO is written directly).
     """
     import tempfile
 
@@ -793,12 +794,18 @@ def _envelope_files(cli: _Cli, verb: str) -> Iterator[tuple[Any, Any, int | None
         bar = _ProgressBar(f"{verb} {a.input}", size) if show else None
         if bar is not None:
             stack.callback(bar.finish)
+        out = Path(a.output).resolve()  # a symlink's target is replaced, not the link
         if a.output == "-":
             sys.stdout.flush()
             yield source, sys.stdout.buffer, size, bar
             sys.stdout.buffer.flush()
+        elif out.exists() and not out.is_file():  # a device or FIFO: written as it is, nothing to rename
+            try:
+                destination = stack.enter_context(open(out, "wb"))
+            except OSError as exc:
+                raise InputError(f"cannot write {a.output}: {exc.strerror}") from None
+            yield source, destination, size, bar
         else:
-            out = Path(a.output)
             try:
                 fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
             except OSError as exc:
@@ -1326,6 +1333,21 @@ def _cmd_init(cli: _Cli) -> int:
     return EXIT_OK
 
 
+def _cmd_migrate_catalog(cli: _Cli) -> int:
+    from hsmkeys.catalog.migrate import migrate_catalog
+
+    password = os.environ.get(f"{ENV_PREFIX}CATALOG_PASSWORD") or None
+    if cli.args.to_password_file is not None:
+        password = read_secret_file("--to-password-file", Path(cli.args.to_password_file))
+    summary = migrate_catalog(cli.args.source, cli.args.target, password=password)
+    if cli.as_json:
+        _out_json(dataclasses.asdict(summary))
+        return EXIT_OK
+    _table([(field.name, getattr(summary, field.name)) for field in dataclasses.fields(summary)])
+    _out("copied and verified (counts and digest match)")
+    return EXIT_OK
+
+
 def _cmd_provision(cli: _Cli) -> int:
     # Its own exit codes (0 no changes, 2 changes pending, 1 error), as scripts/provision.py.
     from hsmkeys.provision.command import run
@@ -1542,7 +1564,12 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (
         ("encrypt-file", _cmd_encrypt_file, "encrypt IN to OUT as an AWS Encryption SDK message (streamed)"),
-        ("decrypt-file", _cmd_decrypt_file, "decrypt an AWS Encryption SDK message IN to OUT (streamed)"),
+        (
+            "decrypt-file",
+            _cmd_decrypt_file,
+            "decrypt an AWS Encryption SDK message IN to OUT (streamed); with --context, exit 1 "
+            "unless the message's encryption context has those pairs",
+        ),
     ):
         sub = command(commands, name, handler, text)
         sub.add_argument("input", metavar="IN", help="input file, - for stdin")
@@ -1556,17 +1583,24 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--key-id", action="append", metavar="ID", help="decrypt only with these keys (default: any key of this store)"
             )
-        sub.add_argument(
-            "--context",
-            action="append",
-            type=_pair_arg,
-            metavar="K=V",
-            help="encryption context pair (repeat)"
-            + ("; decrypt-file exits 1 unless the message's context has it" if name == "decrypt-file" else ""),
-        )
+        context(sub)  # decrypt-file: exit 1 unless the message's encryption context has these pairs
         sub.add_argument("--progress", action="store_true", help="progress on stderr (default: only on a TTY, large files)")
 
     command(commands, "maintain", _cmd_maintain, "do due rotations and purges now")
+    sub = command(
+        commands,
+        "migrate-catalog",
+        _cmd_migrate_catalog,
+        "copy a SQLite catalog into an empty PostgreSQL one and verify the copy (stop writers first)",
+    )
+    sub.add_argument(
+        "--from", dest="source", required=True, metavar="sqlite:PATH", help="the SQLite catalog to copy"
+    )
+    sub.add_argument(
+        "--to", dest="target", required=True, metavar="URL",
+        help="postgresql://user@host:port/db; password from $HSMKEYS_CATALOG_PASSWORD or --to-password-file",
+    )  # fmt: skip
+    sub.add_argument("--to-password-file", default=None, metavar="F", help="file (mode 0600) holding the password")
     sub = command(commands, "doctor", _cmd_doctor, "compare HSM and catalog (exit 1 if they drifted)")
     sub.add_argument("--fix", action="store_true", help="destroy orphan objects and finish purges")
 
@@ -1590,7 +1624,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command(commands, "serve", _cmd_serve, "serve the KMS API over HTTP(S)")
     sub.add_argument("--host", default=None, help=f"listen address (default server.host, else {DEFAULT_HOST})")
     sub.add_argument("--port", type=int, default=None, help=f"(default server.port, else {DEFAULT_PORT})")
-    sub.add_argument("--workers", type=int, default=1, metavar="N")
+    sub.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="server processes on the same token and catalog"
+    )
     sub.add_argument("--ephemeral", action="store_true", help="throwaway token and catalog; no config needed")
     sub.add_argument("--tls-cert", metavar="F", default=None, help="PEM certificate (chain): serve HTTPS")
     sub.add_argument("--tls-key", metavar="F", default=None, help="PEM private key of --tls-cert")

@@ -11,6 +11,11 @@ environment variable named after its path: ``HSMKEYS_HSM_MODULE``,
 ``HSMKEYS_SERVER_ACCESS_LOG`` (relative paths from the environment are relative to
 the working directory).
 
+``catalog`` is a SQLite file path, or a ``postgresql://user@host:port/db`` URL naming a
+PostgreSQL catalog that several hosts share. Its password is never in the URL: it comes
+from ``$HSMKEYS_CATALOG_PASSWORD`` or ``catalog_password_file`` (or neither, for trust,
+peer or certificate authentication).
+
 A PIN is never in the YAML, argv or logs: ``hsm.pin_env`` names an environment
 variable holding it, or ``hsm.pin_file`` a file. Secret files (``hsm.pin_file``,
 ``secret_access_key_file``) must not be readable by group or others (``chmod 600``);
@@ -31,6 +36,7 @@ import re
 import secrets
 import stat
 import string
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,7 @@ _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
 _TOP_LEVEL = {
     "hsm",
     "catalog",
+    "catalog_password_file",
     "region",
     "account_id",
     "audit_log",
@@ -217,6 +224,22 @@ class Settings:
     principals: tuple[PrincipalSettings, ...] = field(default=())
     config_path: Path | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
+    #: A PostgreSQL catalog's URL (no password in it); None: ``catalog`` is a SQLite file.
+    #: With a URL, ``catalog`` is ``<config dir>/var/catalog.postgresql``, only the anchor
+    #: of this host's own files (maintenance lock, default TLS pair); nothing is stored in it.
+    catalog_url: str | None = None
+    catalog_password_file: Path | None = None
+
+    def catalog_password(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The PostgreSQL catalog's password: $HSMKEYS_CATALOG_PASSWORD, else the
+        catalog_password_file, else None (the server authenticates otherwise)."""
+        env = os.environ if env is None else env
+        value = env.get(f"{ENV_PREFIX}CATALOG_PASSWORD", "")
+        if value:
+            return value
+        if self.catalog_password_file is not None:
+            return read_secret_file("catalog_password_file", self.catalog_password_file)
+        return None
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -273,6 +296,12 @@ class Settings:
         if interval <= 0:
             raise ConfigError("maintenance_interval_seconds: must be greater than 0")
 
+        catalog, catalog_url = _catalog(reader, data.get("catalog"), base_dir)
+        catalog_password_file = reader.optional_path(
+            "catalog_password_file", data.get("catalog_password_file")
+        )
+        if catalog_password_file is not None and catalog_url is None:
+            raise ConfigError("catalog_password_file: only for a postgresql:// catalog")
         return cls(
             hsm=HsmSettings(
                 module=module,
@@ -281,7 +310,7 @@ class Settings:
                 pin_file=pin_file,
                 softhsm2_conf=reader.optional_path("hsm.softhsm2_conf", hsm_data.get("softhsm2_conf")),
             ),
-            catalog=reader.path("catalog", data.get("catalog")),
+            catalog=catalog,
             region=region,
             account_id=account_id,
             audit_log=reader.optional_path("audit_log", data.get("audit_log")),
@@ -289,6 +318,8 @@ class Settings:
             principals=_principals(data.get("principals", []), base_dir),
             config_path=config_path,
             server=_server(data.get("server"), reader),
+            catalog_url=catalog_url,
+            catalog_password_file=catalog_password_file,
         )
 
 
@@ -433,6 +464,26 @@ def _principal_policy(where: str, arn: str, item: Mapping[str, Any], reader: _Re
         field_name = "policy" if inline is not None else "policy_file"
         raise ConfigError(f"{where}.{field_name} ({arn}): {exc.message or exc.code}") from None
     return text
+
+
+def _catalog(reader: _Reader, value: object, base_dir: Path) -> tuple[Path, str | None]:
+    """(SQLite path, None) or (host-local anchor path, PostgreSQL URL) from ``catalog``."""
+    url = reader.optional_text("catalog", value)
+    if url is None or not url.startswith(("postgresql://", "postgres://")):
+        return reader.path("catalog", value), None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        password = parts.password
+    except ValueError as exc:
+        raise ConfigError(f"catalog: {exc}") from None
+    if password is not None or "password" in query:
+        raise ConfigError(
+            "catalog: put no password in the URL; set $HSMKEYS_CATALOG_PASSWORD or catalog_password_file"
+        )
+    if not parts.hostname and "host" not in query:
+        raise ConfigError("catalog: a postgresql:// URL needs a host (postgresql://user@host:port/db)")
+    return base_dir / "var" / "catalog.postgresql", url
 
 
 def _server(value: object, reader: _Reader) -> ServerSettings:

@@ -151,6 +151,14 @@ class UnknownOperationException(KMSError):
     code = "UnknownOperationException"
 
 
+class InvalidImportTokenException(KMSError):
+    code = "InvalidImportTokenException"
+
+
+class ExpiredImportTokenException(KMSError):
+    code = "ExpiredImportTokenException"
+
+
 class IncorrectKeyMaterialException(KMSError):
     code = "IncorrectKeyMaterialException"
 

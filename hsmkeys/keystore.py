@@ -63,6 +63,7 @@ from hsmkeys.models import (
     KeyVersionRef,
     MacAlgorithm,
     MaintenanceReport,
+    Origin,
     RotationType,
     Tag,
 )
@@ -150,7 +151,7 @@ class KeyStore:
         ``audit=False`` opens without the audit writer (for ``audit verify``, which must
         change nothing).
         """
-        from hsmkeys.catalog.sqlite import SqliteCatalog
+        from hsmkeys.catalog import open_catalog
         from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
 
         if not isinstance(settings, Settings):
@@ -159,7 +160,7 @@ class KeyStore:
         hsm = Pkcs11Hsm.open(
             module=settings.hsm.module, token_label=settings.hsm.token_label, pin=settings.hsm.pin()
         )
-        catalog = SqliteCatalog(settings.catalog)
+        catalog = open_catalog(settings)
         store = cls(
             hsm=hsm,
             catalog=catalog,
@@ -547,6 +548,10 @@ class KeyStore:
             )
 
     def _require_rotatable(self, key: KeyRecord) -> None:
+        if key.origin is Origin.EXTERNAL:
+            raise UnsupportedOperationException(
+                f"{self._arn(key.key_uuid)} has imported key material, which hsmkeys does not rotate."
+            )
         if not keyspecs.is_rotatable(key.spec):
             raise UnsupportedOperationException(
                 f"{self._arn(key.key_uuid)} key spec {key.spec} does not support key rotation."
@@ -572,6 +577,8 @@ class KeyStore:
             signing_algorithms=keyspecs.signing_algorithms(key.spec, key.usage),
             mac_algorithms=keyspecs.mac_algorithms(key.spec, key.usage),
             key_agreement_algorithms=keyspecs.key_agreement_algorithms(key.spec, key.usage),
+            valid_to=key.valid_to,
+            expiration_model=key.expiration_model,
             current_version=key.current_version,
         )
 
@@ -635,6 +642,7 @@ class KeyStore:
 
     def run_maintenance(self) -> MaintenanceReport:
         """Perform due automatic rotations and purge keys whose deletion date has passed. Idempotent."""
+        from hsmkeys.ops.imports import expire_material
         from hsmkeys.ops.rotation import rotate
 
         now = self._now()
@@ -643,6 +651,7 @@ class KeyStore:
             if rotate(self, None, key, RotationType.AUTOMATIC) is not None:
                 rotated.append(str(key.key_uuid))
         purged = [str(key.key_uuid) for key in self._catalog.keys_due_purge(now) if self._purge(key)]
+        expire_material(self)
         self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
         return MaintenanceReport(tuple(rotated), tuple(purged))
 
@@ -671,7 +680,12 @@ class KeyStore:
         in_hsm = {ref for ref in self._hsm.list_key_refs() if ref.key_uuid != RESERVED_UUID}
         in_catalog = self._catalog.all_version_refs()
         purging = [k for k in self._catalog.keys_due_purge(self._now()) if k.state is KeyState.PURGING]
-        purging_uuids = {k.key_uuid for k in purging}
+        # Keys whose objects are meant to be absent: being purged, or awaiting imported material.
+        purging_uuids = {k.key_uuid for k in purging} | {
+            ref.key_uuid
+            for ref in in_catalog - in_hsm
+            if (k := self._catalog.get_key(ref.key_uuid)) is not None and k.state is KeyState.PENDING_IMPORT
+        }
         orphans = tuple(sorted(in_hsm - in_catalog, key=_ref_order))
         missing = tuple(
             sorted((r for r in in_catalog - in_hsm if r.key_uuid not in purging_uuids), key=_ref_order)
@@ -718,6 +732,7 @@ class KeyStore:
     create_key = operations.CREATE_KEY
     decrypt = operations.DECRYPT
     delete_alias = operations.DELETE_ALIAS
+    delete_imported_key_material = operations.DELETE_IMPORTED_KEY_MATERIAL
     derive_shared_secret = operations.DERIVE_SHARED_SECRET
     describe_key = operations.DESCRIBE_KEY
     disable_key = operations.DISABLE_KEY
@@ -733,7 +748,9 @@ class KeyStore:
     generate_random = operations.GENERATE_RANDOM
     get_key_policy = operations.GET_KEY_POLICY
     get_key_rotation_status = operations.GET_KEY_ROTATION_STATUS
+    get_parameters_for_import = operations.GET_PARAMETERS_FOR_IMPORT
     get_public_key = operations.GET_PUBLIC_KEY
+    import_key_material = operations.IMPORT_KEY_MATERIAL
     list_aliases = operations.LIST_ALIASES
     list_grants = operations.LIST_GRANTS
     list_key_policies = operations.LIST_KEY_POLICIES

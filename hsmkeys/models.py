@@ -151,6 +151,8 @@ class KeyMetadata:
     signing_algorithms: tuple[SigningAlgorithm, ...] = ()
     mac_algorithms: tuple[MacAlgorithm, ...] = ()
     key_agreement_algorithms: tuple[KeyAgreementAlgorithm, ...] = ()
+    valid_to: datetime | None = None  # imported material's expiry
+    expiration_model: str | None = None  # EXTERNAL keys: KEY_MATERIAL_EXPIRES / _DOES_NOT_EXPIRE
     current_version: int = 1  # hsmkeys' own; not on the wire
 
 
@@ -410,3 +412,24 @@ class ListGrantsResult:
     grants: tuple[GrantListEntry, ...]
     truncated: bool
     next_marker: str | None = None
+
+
+# ---------------------------------------------------------------- imported key material
+
+
+@dataclass(frozen=True, slots=True)
+class GetParametersForImportResult:
+    key_id: str  # key ARN
+    import_token: bytes
+    public_key: bytes  # DER SubjectPublicKeyInfo of the wrapping key
+    parameters_valid_to: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ImportKeyMaterialResult:
+    key_id: str  # key ARN
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteImportedKeyMaterialResult:
+    key_id: str  # key ARN

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 import hsmkeys.ops.aliases as aliases
 import hsmkeys.ops.asymmetric as asymmetric
 import hsmkeys.ops.grants as grants
+import hsmkeys.ops.imports as imports
 import hsmkeys.ops.keys as keys
 import hsmkeys.ops.policies as policies
 import hsmkeys.ops.rotation as rotation
@@ -287,6 +288,23 @@ RETIRE_GRANT = Operation(
     mutating=True,
 )
 LIST_RETIRABLE_GRANTS = Operation("ListRetirableGrants", grants.list_retirable_grants)
+
+# ---------------------------------------------------------------- imported key material
+GET_PARAMETERS_FOR_IMPORT = _keyed(
+    "GetParametersForImport",
+    imports.get_parameters_for_import,
+    mutating=True,  # makes a wrapping key pair in the HSM
+    conditions=(("wrapping_algorithm", "kms:WrappingAlgorithm"), ("wrapping_key_spec", "kms:WrappingKeySpec")),
+)
+IMPORT_KEY_MATERIAL = _keyed(
+    "ImportKeyMaterial",
+    imports.import_key_material,
+    mutating=True,
+    conditions=(("expiration_model", "kms:ExpirationModel"), ("valid_to", "kms:ValidTo")),
+)
+DELETE_IMPORTED_KEY_MATERIAL = _keyed(
+    "DeleteImportedKeyMaterial", imports.delete_imported_key_material, mutating=True
+)
 
 
 OPERATIONS: Mapping[str, Operation[Any, Any]] = {

@@ -16,6 +16,10 @@ absolute target (the machine is shared and swings +-30% between runs):
   server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
   server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1                        [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
+  envelope_kms_calls_per_1000_messages
+                             KeyStore calls for 1,000 Encryption SDK messages with the data key
+                             cache (the one absolute count; without the cache it is 1,000);
+                             also envelope MiB/s for 64 MiB in process   [--envelope-only: just this]
 
 Throughput comparisons interleave the two sides round by round in ONE process and
 take medians; the server runs interleave the servers round by round.
@@ -88,6 +92,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "sign_rsa2048_vs_raw": (">=", 0.85),
     "sign_p256_vs_raw": (">=", 0.85),
     "encrypt_with_policy_vs_without": (">=", 0.9),
+    "envelope_kms_calls_per_1000_messages": ("<=", 10.0),
     "server_encrypt_vs_moto": (">=", 15.0),
     "server_2workers_vs_1": (">=", 1.7),
 }
@@ -589,6 +594,75 @@ def phase_grow(token: BenchToken, count: int) -> dict[str, float]:
     return {"created": count, "seconds": seconds, "ms_per_key": seconds * 1000 / max(count, 1), "catalog_keys": total}
 
 
+ENVELOPE_MIB = 64
+ENVELOPE_MESSAGES = 1000
+
+
+def phase_envelope(token: BenchToken) -> dict[str, float]:
+    """Encryption SDK messages in process (hsmkeys.envelope over the KeyStore): MiB/s for a
+    64 MiB message (median of 3), and KeyStore calls per 1,000 1-KiB messages with the data
+    key cache (caching_materials_manager defaults) and without."""
+    _enter_token(token)
+    import io
+    from collections import Counter
+
+    from hsmkeys.envelope import (
+        KeyStoreMasterKeyProvider,
+        caching_materials_manager,
+        decrypt_stream,
+        encrypt_stream,
+    )
+
+    store = _open_keystore(token)
+    calls: Counter[str] = Counter()
+
+    class CountingStore:  # counts every KeyStore method the provider calls
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(store, name)
+            if not callable(value):
+                return value
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                calls[name] += 1
+                return value(*args, **kwargs)
+
+            return counted
+
+    try:
+        arn = store.create_key(description="bench envelope").key_metadata.arn
+        provider = KeyStoreMasterKeyProvider(CountingStore(), key_ids=[arn])
+        context = {"bench": "envelope"}
+        data = os.urandom(ENVELOPE_MIB << 20)
+        enc_s: list[float] = []
+        dec_s: list[float] = []
+        for _ in range(3):
+            sealed = io.BytesIO()
+            start = time.perf_counter()
+            encrypt_stream(io.BytesIO(data), sealed, provider, context, source_length=len(data))
+            enc_s.append(time.perf_counter() - start)
+            opened = io.BytesIO()
+            start = time.perf_counter()
+            decrypt_stream(io.BytesIO(sealed.getvalue()), opened, provider)
+            dec_s.append(time.perf_counter() - start)
+            assert opened.getvalue() == data
+        message = os.urandom(1024)
+        per_1000: dict[str, float] = {}
+        for name, keys in (("cached", caching_materials_manager(provider)), ("uncached", provider)):
+            calls.clear()
+            start = time.perf_counter()
+            for _ in range(ENVELOPE_MESSAGES):
+                encrypt_stream(io.BytesIO(message), io.BytesIO(), keys, context, source_length=len(message))
+            per_1000[f"{name}_messages_per_s"] = ENVELOPE_MESSAGES / (time.perf_counter() - start)
+            per_1000[f"{name}_calls"] = sum(calls.values()) * 1000 / ENVELOPE_MESSAGES
+        return {
+            "mb_per_s": ENVELOPE_MIB / statistics.median(enc_s),
+            "decrypt_mb_per_s": ENVELOPE_MIB / statistics.median(dec_s),
+            **per_1000,
+        }
+    finally:
+        store.close()
+
+
 # ============================================================ servers
 
 
@@ -829,6 +903,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--server-rounds", type=int, default=3, help="rounds over the servers (medians)")
     p.add_argument("--server-only", action="store_true", help="only the server comparisons (implies --server)")
+    p.add_argument("--envelope-only", action="store_true", help="only the envelope (Encryption SDK) phase")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--check", action="store_true", help="exit 1 if a measured target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (token, catalog)")
@@ -969,8 +1044,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
                 log(f"{name} FAILED:\n{traceback.format_exc()}")
 
-        if not args.server_only:
+        if not args.server_only and not args.envelope_only:
             guarded("library phases", lambda: _token_phases(args, token, small_token, figures, ratios))
+        if not args.server_only:
+
+            def envelope() -> None:
+                figures["envelope"] = _in_fresh_process(phase_envelope, token, timeout=600)
+                ratios["envelope_kms_calls_per_1000_messages"] = figures["envelope"]["cached_calls"]
+
+            ratios["envelope_kms_calls_per_1000_messages"] = None
+            guarded("envelope", envelope)
         if args.server:
 
             def servers() -> None:
@@ -1055,6 +1138,14 @@ def render_table(report: dict[str, Any]) -> str:
     if "grow" in figures:
         g = figures["grow"]
         lines.append(f"  token grown by {g['created']} AES keys in {g['seconds']:.0f} s ({g['ms_per_key']:.1f} ms/key)")
+    if "envelope" in figures:
+        e = figures["envelope"]
+        lines.append(
+            f"  envelope (Encryption SDK in process, {ENVELOPE_MIB} MiB message): encrypt {e['mb_per_s']:.0f} MiB/s, "
+            f"decrypt {e['decrypt_mb_per_s']:.0f} MiB/s; KeyStore calls per 1,000 1-KiB messages: "
+            f"{e['cached_calls']:.0f} cached ({e['cached_messages_per_s']:.0f} msg/s), "
+            f"{e['uncached_calls']:.0f} uncached ({e['uncached_messages_per_s']:.0f} msg/s)"
+        )
     if "create" in figures:
         c = figures["create"]
         lines.append(

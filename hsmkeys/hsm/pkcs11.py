@@ -77,6 +77,7 @@ from hsmkeys.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from hsmkeys.hsm import ecpoint
 from hsmkeys.hsm.base import (
     FINGERPRINT_AAD,
     FINGERPRINT_BLOCK,
@@ -1221,9 +1222,11 @@ class Pkcs11Hsm:
                 raise IncorrectKeyMaterialException("The public key does not match the imported private key.")
             return der
         curve = _CURVES[spec.value][1]
+        if given is None:
+            given = _recover_public(private, curve, usage)
         if not isinstance(given, ec.EllipticCurvePublicKey) or given.curve.name != curve.name:
             raise IncorrectKeyMaterialException(
-                f"Importing a {spec} key on this HSM needs its public key (DER SPKI on {curve.name})."
+                f"The public key is not a DER SPKI on {curve.name}, the curve of {spec}."
             )
         if usage is KeyUsage.SIGN_VERIFY:
             assert isinstance(private, SignMixin)
@@ -1270,6 +1273,49 @@ class Pkcs11Hsm:
 
 
 # --------------------------------------------------------------- helpers
+
+
+def _recover_public(private: Object, curve: ec.EllipticCurve, usage: KeyUsage) -> ec.EllipticCurvePublicKey:
+    """The public half of an EC private key the HSM holds but cannot show (SoftHSM2
+    keeps no point with an unwrapped key): recovered from two signatures made in the HSM,
+    or, for a key that can only derive, from ECDH with the base point (see ecpoint)."""
+    params = ecpoint.curve_for(curve)
+    if usage is KeyUsage.SIGN_VERIFY:
+        assert isinstance(private, SignMixin)
+        candidates: set[tuple[int, int]] | None = None
+        for _ in range(4):  # two signatures almost always leave one candidate
+            digest = hashlib.sha256(os.urandom(32)).digest()
+            raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+            half = len(raw) // 2
+            found = ecpoint.recover_from_signature(
+                params, digest, int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+            )
+            candidates = found if candidates is None else candidates & found
+            if len(candidates) == 1:
+                return ecpoint.public_key(curve, next(iter(candidates)))
+        raise IncorrectKeyMaterialException("The public key of the imported EC key could not be recovered.")
+    assert isinstance(private, DeriveMixin)
+    base = ec.derive_private_key(1, curve).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    shared = private.derive_key(
+        KeyType.GENERIC_SECRET,
+        ((curve.key_size + 7) // 8) * 8,
+        store=False,
+        capabilities=MechanismFlag(0),
+        mechanism=Mechanism.ECDH1_DERIVE,
+        mechanism_param=(KDF.NULL, None, base),
+        template={Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+    )
+    try:
+        # x(d·G) is the public point's abscissa: public data, not a secret.
+        x = int.from_bytes(bytes(shared[Attribute.VALUE]), "big")
+    finally:
+        shared.destroy()
+    point = ecpoint.even_point(params, x)
+    if point is None:
+        raise IncorrectKeyMaterialException("The public key of the imported EC key could not be recovered.")
+    return ecpoint.public_key(curve, point)
 
 
 def _login(token: Token, pin: str) -> Session:

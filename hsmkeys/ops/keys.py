@@ -69,8 +69,9 @@ def create_key(
     usage = check_enum(KeyUsage, "keyUsage", key_usage or KeyUsage.ENCRYPT_DECRYPT)
     if usage not in keyspecs.ALLOWED_USAGES[spec]:
         raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-    if origin is not None and (origin in _KMS_ONLY_ORIGINS or check_enum(Origin, "origin", origin) is not Origin.AWS_KMS):
-        raise UnsupportedOperationException(f"Origin {origin} is not supported")
+    if origin is not None and origin in _KMS_ONLY_ORIGINS:
+        raise UnsupportedOperationException(f"Origin {origin} (custom key stores) is not supported")
+    key_origin = check_enum(Origin, "origin", origin) if origin is not None else Origin.AWS_KMS
     if custom_key_store_id or xks_key_id:
         raise UnsupportedOperationException("Custom key stores are not supported")
     if multi_region:
@@ -90,15 +91,17 @@ def create_key(
         key_uuid=key_uuid,
         spec=spec,
         usage=usage,
-        origin=Origin.AWS_KMS,
-        state=KeyState.ENABLED,
+        origin=key_origin,
+        # EXTERNAL: no material until ImportKeyMaterial (no HSM object either).
+        state=KeyState.PENDING_IMPORT if key_origin is Origin.EXTERNAL else KeyState.ENABLED,
         description=description,
         created_at=now,
         current_version=1,
         policy=policy_doc,
     )
     first = VersionRecord(key.key_uuid, 1, now)
-    ks._hsm.create_key(first.ref, spec, usage)  # HSM first: a crash leaves an orphan, never a dangling row
+    if key_origin is not Origin.EXTERNAL:
+        ks._hsm.create_key(first.ref, spec, usage)  # HSM first: a crash leaves an orphan, never a dangling row
     with ks._catalog.transaction():
         ks._catalog.insert_key(key, first)
         if tags_to_set:

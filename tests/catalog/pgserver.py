@@ -79,8 +79,7 @@ class PgServer:
     def create_database(self) -> str:
         name = f"hsmkeys_test_{os.getpid()}_{next(self._names)}"
         with self.admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-            conn.execute(f'GRANT ALL ON DATABASE "{name}" TO {PASSWORD_ROLE}')
+            conn.execute(f'CREATE DATABASE "{name}" OWNER {PASSWORD_ROLE}')
         return name
 
     def drop_database(self, name: str) -> None:

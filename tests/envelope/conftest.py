@@ -66,7 +66,9 @@ RunCli = Callable[..., Ran]
 
 
 @pytest.fixture
-def cli(store: KeyStore, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> RunCli:
+def cli(
+    store: KeyStore, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> RunCli:
     """``cli(*argv, stdin=b"")``: hsmkeys.cli.main on ``store``, stdin fed, output captured."""
 
     def run(*argv: str, stdin: bytes = b"") -> Ran:

@@ -22,6 +22,7 @@ class Call:
         "args",
         "authorized",
         "decisions",
+        "invocation_id",
         "key_arns",
         "key_version",
         "op",
@@ -50,6 +51,7 @@ class Call:
         self.key_arns: list[str] = []
         self.key_version: int | None = None
         self.decisions: list[str] = []
+        self.invocation_id: str | None = None  # set for retry-safe (non-idempotent) operations
         self.authorized = principal is None  # trusted callers need no decision
 
     def used(self, key_arn: str, version: int | None) -> None:

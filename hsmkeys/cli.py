@@ -283,7 +283,7 @@ def _cmd_keys_create(cli: _Cli) -> int:
     tags = [Tag(k, v) for k, v in a.tag] if a.tag else None
     with cli.store() as store:
         result = store.create_key(
-            description=a.description, key_spec=a.key_spec, key_usage=a.key_usage, tags=tags
+            description=a.description, key_spec=a.key_spec, key_usage=a.key_usage, tags=tags, origin=a.origin
         )
     if cli.as_json:
         _out_json(_kms_json("CreateKey", result))
@@ -418,6 +418,27 @@ def _all_tags(store: KeyStore, key_id: str) -> ListResourceTagsResult:
         if not page.truncated:
             return ListResourceTagsResult(tuple(found), False)
         marker = page.next_marker
+
+
+def _cmd_keys_import(cli: _Cli) -> int:
+    """BYOK: wrap the material here under the HSM's wrapping key and import it."""
+    from hsmkeys.kmsclient import LocalKms
+    from hsmkeys.provision.apply import import_key_material
+    from hsmkeys.provision.keymaterial import load_key_material
+
+    with cli.store() as store:
+        key = store.describe_key(key_id=cli.args.key).key_metadata
+        try:
+            material = load_key_material(Path(cli.args.material_file), key.key_spec)
+        except ValueError as exc:
+            raise ConfigError(f"--material-file: {exc}") from None
+        import_key_material(LocalKms(store), key.arn, material)
+        md = store.describe_key(key_id=key.arn).key_metadata
+    if cli.as_json:
+        _out_json({"KeyId": md.arn, "KeyState": md.key_state})
+    else:
+        _out(f"{md.key_id}: key material imported; {md.key_state}")
+    return EXIT_OK
 
 
 def _cmd_keys_tag(cli: _Cli) -> int:
@@ -1432,6 +1453,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--key-spec", default=None, metavar="S", help="e.g. SYMMETRIC_DEFAULT, ECC_NIST_P256, HMAC_256")
     sub.add_argument("--key-usage", default=None, metavar="U", help="ENCRYPT_DECRYPT, SIGN_VERIFY, GENERATE_VERIFY_MAC")
     sub.add_argument("--tag", action="append", type=_pair_arg, metavar="K=V", help="tag (repeat)")
+    sub.add_argument(
+        "--origin",
+        default=None,
+        choices=("AWS_KMS", "EXTERNAL"),
+        help="EXTERNAL: no material until `hsmkeys keys import` (default AWS_KMS: made in the HSM)",
+    )
     command(keys, "list", _cmd_keys_list, "list keys")
     for name, handler, text in (
         ("describe", _cmd_keys_describe, "show a key's metadata"),
@@ -1441,6 +1468,14 @@ def _parser() -> argparse.ArgumentParser:
         ("cancel-deletion", _cmd_keys_cancel_deletion, "cancel a scheduled deletion (key becomes Disabled)"),
     ):
         command(keys, name, handler, text).add_argument("key", metavar="KEY", help="key id, ARN or alias")
+    sub = command(keys, "import", _cmd_keys_import, "import key material into an Origin EXTERNAL key (BYOK)")
+    sub.add_argument("key", metavar="KEY", help="key id or ARN of a key created with --origin EXTERNAL")
+    sub.add_argument(
+        "--material-file",
+        required=True,
+        metavar="F",
+        help="raw key bytes (symmetric, HMAC) or a PKCS#8 PEM/DER private key (RSA, ECC)",
+    )
     sub = command(keys, "schedule-deletion", _cmd_keys_schedule_deletion, "schedule a key's deletion")
     sub.add_argument("key", metavar="KEY", help="key id or ARN")
     sub.add_argument("--days", type=int, default=None, help="pending window, 7-30 (default 30)")

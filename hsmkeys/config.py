@@ -39,12 +39,14 @@ import string
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hsmkeys.errors import ConfigError, MalformedPolicyDocumentException
+from hsmkeys.usage import Pricing
 
 DEFAULT_CONFIG = "hsmkeys.yaml"
 ENV_PREFIX = "HSMKEYS_"
@@ -59,9 +61,12 @@ _TOP_LEVEL = {
     "region",
     "account_id",
     "audit_log",
+    "audit_fsync_lines",
     "maintenance_interval_seconds",
+    "doctor_grace_seconds",
     "principals",
     "server",
+    "pricing",
 }
 _HSM_FIELDS = {"module", "token_label", "pin_env", "pin_file", "softhsm2_conf"}
 _PRINCIPAL_FIELDS = {
@@ -73,6 +78,7 @@ _PRINCIPAL_FIELDS = {
     "policy_file",
 }
 _SERVER_FIELDS = {"host", "port", "tls_cert", "tls_key", "access_log"}
+_PRICING_FIELDS = {"key_month", "per_10k_requests"}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7300
 DEFAULT_REGION = "us-east-1"
@@ -220,7 +226,11 @@ class Settings:
     region: str = DEFAULT_REGION
     account_id: str = DEFAULT_ACCOUNT_ID
     audit_log: Path | None = None
+    audit_fsync_lines: bool = False  # fsync every audit line (checkpoint lines always are)
     maintenance_interval_seconds: float = 60.0
+    #: ``doctor --fix`` destroys an orphan HSM object only when two scans at least this
+    #: far apart saw it (a create or rotation in flight is not an orphan).
+    doctor_grace_seconds: float = 600.0
     principals: tuple[PrincipalSettings, ...] = field(default=())
     config_path: Path | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -229,6 +239,8 @@ class Settings:
     #: of this host's own files (maintenance lock, default TLS pair); nothing is stored in it.
     catalog_url: str | None = None
     catalog_password_file: Path | None = None
+    #: ``pricing:`` (key_month, per_10k_requests) for ``hsmkeys usage``; AWS list prices by default.
+    pricing: Pricing = field(default_factory=Pricing)
 
     def catalog_password(self, env: Mapping[str, str] | None = None) -> str | None:
         """The PostgreSQL catalog's password: $HSMKEYS_CATALOG_PASSWORD, else the
@@ -295,6 +307,9 @@ class Settings:
         )
         if interval <= 0:
             raise ConfigError("maintenance_interval_seconds: must be greater than 0")
+        grace = reader.number("doctor_grace_seconds", data.get("doctor_grace_seconds", 600))
+        if not 0 <= grace < float("inf"):
+            raise ConfigError("doctor_grace_seconds: must be a number of seconds, 0 or more")
 
         catalog, catalog_url = _catalog(reader, data.get("catalog"), base_dir)
         catalog_password_file = reader.optional_path(
@@ -314,12 +329,15 @@ class Settings:
             region=region,
             account_id=account_id,
             audit_log=reader.optional_path("audit_log", data.get("audit_log")),
+            audit_fsync_lines=reader.flag("audit_fsync_lines", data.get("audit_fsync_lines", False)),
             maintenance_interval_seconds=interval,
+            doctor_grace_seconds=grace,
             principals=_principals(data.get("principals", []), base_dir),
             config_path=config_path,
             server=_server(data.get("server"), reader),
             catalog_url=catalog_url,
             catalog_password_file=catalog_password_file,
+            pricing=_pricing(data.get("pricing"), reader),
         )
 
 
@@ -502,6 +520,28 @@ def _server(value: object, reader: _Reader) -> ServerSettings:
         raise ConfigError("server: give both tls_cert and tls_key, or neither")
     access_log = reader.flag("server.access_log", value.get("access_log", False))
     return ServerSettings(host, port, tls_cert, tls_key, access_log)
+
+
+def _pricing(value: object, reader: _Reader) -> Pricing:
+    if value is None:
+        return Pricing()
+    if not isinstance(value, dict):
+        raise ConfigError("pricing: must be a mapping (key_month, per_10k_requests)")
+    _no_unknown("pricing.", value, _PRICING_FIELDS)
+    default = Pricing()
+    prices = {}
+    for name in sorted(_PRICING_FIELDS):
+        raw, _ = reader._raw(f"pricing.{name}", value.get(name, str(getattr(default, name))))
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ConfigError(f"pricing.{name}: must be a number, got {raw!r}")
+        try:
+            price = Decimal(str(raw))
+        except ArithmeticError:
+            raise ConfigError(f"pricing.{name}: must be a number, got {raw!r}") from None
+        if not price.is_finite() or price < 0:
+            raise ConfigError(f"pricing.{name}: must be a number >= 0, got {raw!r}")
+        prices[name] = price
+    return Pricing(**prices)
 
 
 class _ConfigLoader(yaml.SafeLoader):

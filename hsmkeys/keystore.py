@@ -23,15 +23,16 @@ Purging, destroys the objects, then deletes the row.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsmkeys import ciphertext, keyspecs, operations
+from hsmkeys import ciphertext, faultpoints, keyspecs, operations
 from hsmkeys.arns import ArnScope, parse_uuid
 from hsmkeys.audit import AuditEvent, AuditLog
 from hsmkeys.authz import access_denied, compile_policy, decide
@@ -53,7 +54,8 @@ from hsmkeys.errors import (
     NotFoundException,
     UnsupportedOperationException,
 )
-from hsmkeys.hsm.base import AUDIT_KEY_REF, RESERVED_UUID, Hsm
+from hsmkeys.gcmlimit import DEFAULT_BLOCK, RETIRE_AT, EncryptionBudget
+from hsmkeys.hsm.base import AUDIT_KEY_REF, RESERVED_UUID, Hsm, wrapping_label
 from hsmkeys.ivs import IvPool
 from hsmkeys.models import (
     KeyMetadata,
@@ -68,7 +70,9 @@ from hsmkeys.models import (
     Tag,
 )
 from hsmkeys.operations import KeyRole, Operation
+from hsmkeys.ops import managed
 from hsmkeys.ops.grants import check_tokens
+from hsmkeys.usage import COUNTED_OPERATIONS, UsageRecorder
 from hsmkeys.validation import check_str
 
 if TYPE_CHECKING:
@@ -78,7 +82,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("hsmkeys.keystore")
 
 _POLICY_CACHE_MAX = 4096
+_DECISION_MEMO_MAX = 16384
+# Condition keys whose value changes between identical requests: decisions reading them are not memoised.
+_VOLATILE_KEYS = ("aws:currenttime", "aws:epochtime", "kms:resourcealiases", "aws:requesttag", "aws:tagkeys")
 _REJECTION_WINDOW_SECONDS = 1.0
+#: doctor destroys an orphan object only after two sightings at least this far apart.
+DEFAULT_DOCTOR_GRACE_SECONDS = 600.0
+#: Operations whose retry must not repeat the effect: the SDK's invocation id names the
+#: logical request, and its first committed attempt's result is answered again.
+NON_IDEMPOTENT = frozenset({"CreateKey", "CreateGrant", "ScheduleKeyDeletion"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +101,18 @@ class DoctorReport:
     missing_objects: tuple[KeyVersionRef, ...]  # catalog versions with no HSM object
     unfinished_purges: tuple[str, ...]  # key ids left in state Purging
     fixed: bool = False
+    # Orphans first seen less than the grace period ago (a create may be in flight):
+    # reported, never destroyed yet.
+    young_orphans: tuple[KeyVersionRef, ...] = ()
+    # Import wrapping pairs seen for longer than an import token lives (24 h).
+    stale_wrapping_keys: tuple[KeyVersionRef, ...] = ()
+    destroyed: tuple[KeyVersionRef, ...] = ()  # with fix: the orphans destroyed
 
     @property
     def consistent(self) -> bool:
-        return not (self.orphan_objects or self.missing_objects or self.unfinished_purges)
+        return not (
+            self.orphan_objects or self.missing_objects or self.unfinished_purges or self.stale_wrapping_keys
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +144,17 @@ class KeyStore:
         account_id: str = "111122223333",
         audit: AuditLog | None = None,
         principals: Mapping[str, Principal] | None = None,
+        doctor_grace_seconds: float = DEFAULT_DOCTOR_GRACE_SECONDS,
+        gcm_encryption_limit: int = RETIRE_AT,
+        gcm_reservation_block: int = DEFAULT_BLOCK,
     ) -> None:
+        """``gcm_encryption_limit``: encryptions per AES-GCM key version before it is
+        retired (NIST SP 800-38D, see :mod:`hsmkeys.gcmlimit`); tests inject small ones."""
         self._hsm = hsm
+        self._doctor_grace = timedelta(seconds=doctor_grace_seconds)
+        self._gcm_budget = EncryptionBudget(
+            catalog.reserve_encryptions, limit=gcm_encryption_limit, block=gcm_reservation_block
+        )
         self._ivs = IvPool(hsm.random)
         self._catalog = catalog
         self._clock = clock or SystemClock()
@@ -134,9 +163,11 @@ class KeyStore:
         self._principals: dict[str, Principal] = dict(principals or {})
         self._policies: dict[str, tuple[CompiledPolicy, bool]] = {}
         self._default_policy = default_key_policy(account_id)
+        self._allowed: dict[tuple[object, ...], str] = {}  # policy-based allows, see _memo_key
         self._arns: dict[uuid.UUID, str] = {}
         self._public_keys: dict[KeyVersionRef, CachedPublicKey] = {}
         self._rejections: dict[str | None, tuple[float, int, str, str]] = {}
+        self._usage = UsageRecorder()
 
     @classmethod
     def open(
@@ -168,13 +199,20 @@ class KeyStore:
             region=settings.region,
             account_id=settings.account_id,
             principals=principals_from_settings(settings),
+            doctor_grace_seconds=settings.doctor_grace_seconds,
         )
         if audit and settings.audit_log is not None:
-            store._audit = AuditLog(settings.audit_log, mac=store.audit_mac, checkpoints=catalog)
+            store._audit = AuditLog(
+                settings.audit_log, mac=store.audit_mac, checkpoints=catalog, fsync_lines=settings.audit_fsync_lines
+            )
         return store
 
     def close(self) -> None:
         self.flush_rejections()
+        try:
+            self.flush_usage()
+        except KMSError:  # logged; closing must still release the HSM and the catalog
+            log.error("event=usage_flush_failed at=close")
         if self._audit is not None:
             self._audit.close()
         self._catalog.close()
@@ -206,8 +244,13 @@ class KeyStore:
         request_id: str | None = None,
         source: str | None = None,
         secure_transport: bool = False,
+        invocation_id: str | None = None,
     ) -> Any:
         """Run one operation: authorize, audit (intent before any effect), call it.
+
+        ``invocation_id`` (the SDK's ``amz-sdk-invocation-id``, the same on every retry of
+        one logical request) makes the operations in NON_IDEMPOTENT answer a retry with
+        the first committed attempt's resource instead of doing it again.
 
         ``principal`` None (and no :func:`hsmkeys.context.call_context` around the call)
         is a trusted in-process caller. A string is looked up among the configured
@@ -223,10 +266,13 @@ class KeyStore:
             op,
             args,
             principal=principal,
-            request_id=request_id,
+            # One id for the call's audit lines and its usage record (GetKeyLastUsage).
+            request_id=request_id or str(uuid.uuid4()),
             source=source,
             secure_transport=secure_transport,
         )
+        if invocation_id and op.name in NON_IDEMPOTENT:
+            call.invocation_id = invocation_id[:128]
         audit = self._audit
         if audit is not None and op.mutating:
             self._write_audit(call, "intent", "Pending")  # fails closed: nothing changed yet
@@ -240,6 +286,9 @@ class KeyStore:
             if not call.authorized:  # an implementation that never asked: a bug, fail closed
                 log.error("event=unauthorized_operation operation=%s", op.name)
                 raise KMSInternalException("internal error")
+            if op.name in COUNTED_OPERATIONS:  # in memory only; flush_usage writes the catalog
+                account = principal.account if principal is not None else self._scope.account_id
+                self._usage.record(op.name, call.key_arns, account, self._now(), call.request_id or "")
             return result
         except KMSError as exc:
             outcome = exc.code
@@ -257,6 +306,29 @@ class KeyStore:
                     if not op.mutating and outcome == "Success":
                         raise
                     log.error("event=audit_outcome_failed operation=%s", op.name)
+
+    def flush_usage(self) -> int:
+        """Add the in-memory usage counts to the catalog (the server does this every few
+        seconds, close() at the end); returns the number of requests flushed."""
+        return self._usage.flush(self._catalog)
+
+    def _record_managed_creation(self, call: Call, key_arn: str) -> None:
+        """Audit the creation of an AWS managed key by a call's first use of its alias."""
+        if self._audit is None:
+            return
+        principal = call.principal
+        self._audit.record(
+            AuditEvent(
+                time=self._now(),
+                request_id=call.request_id or str(uuid.uuid4()),
+                principal=principal.arn if principal is not None else None,
+                operation="CreateKey",
+                key_arns=(key_arn,),
+                key_version=1,
+                decision="aws-managed-key-first-use",
+                source=call.source,
+            )
+        )
 
     def principal(self, arn: str) -> Principal:
         """The configured principal with that ARN (its identity policy), else a bare one."""
@@ -385,6 +457,33 @@ class KeyStore:
             self._policies[text] = found
         return found
 
+    def _memo_key(
+        self, call: Call, principal: Principal, role: KeyRole, policy_text: str | None, resource: str, alias: str | None
+    ) -> tuple[object, ...] | None:
+        """What a policy-based allow depends on, when that is all it can depend on: the
+        policy revisions, the caller, the action, the resource and every request value a
+        condition can read. None (no memo) when a policy reads the time, aliases or tags."""
+        if _volatile(policy_text) or _volatile(principal.identity_policy):
+            return None
+        values: list[object] = []
+        for member, _ in call.op.conditions:
+            value = call.args.get(member)
+            if value is not None and not isinstance(value, str | bool | int):
+                return None  # lists (tags, grant operations): not worth a key
+            values.append(value)
+        context = call.args.get(role.context_member) if role.context_member is not None else None
+        return (
+            policy_text,
+            principal,
+            role.action,
+            resource,
+            alias,
+            call.source,
+            call.secure_transport,
+            tuple(context.items()) if isinstance(context, Mapping) else None,
+            tuple(values),
+        )
+
     def _base_conditions(self, call: Call, principal: Principal) -> dict[str, ConditionValue]:
         """The request's own condition keys; the evaluator derives the principal's
         (aws:PrincipalArn, kms:CallerAccount, aws:username, ...) from the Principal."""
@@ -425,6 +524,15 @@ class KeyStore:
         principal = call.principal
         if principal is None:
             return
+        policy_text = (key.policy or self._default_policy) if key is not None else None
+        arn = self._arn(key.key_uuid) if key is not None else "*"
+        memo_key = self._memo_key(call, principal, role, policy_text, resource or arn, request_alias)
+        if memo_key is not None:
+            remembered = self._allowed.get(memo_key)
+            if remembered is not None:
+                call.decisions.append(remembered)
+                call.authorized = True
+                return
         cond = self._base_conditions(call, principal)
         context: Mapping[str, str] | None = None
         if role.context_member is not None:
@@ -441,14 +549,14 @@ class KeyStore:
             cond["kms:KeyOrigin"] = key.origin
             if request_alias is not None:
                 cond["kms:RequestAlias"] = request_alias
-            compiled, wants_aliases = self._compiled_policy(key.policy or self._default_policy)
+            assert policy_text is not None
+            compiled, wants_aliases = self._compiled_policy(policy_text)
             if wants_aliases:
                 cond["kms:ResourceAliases"] = tuple(
                     a.name for a in self._catalog.list_aliases(limit=1000, key_uuid=key.key_uuid)
                 )
         if extra:
             cond.update(extra)
-        arn = self._arn(key.key_uuid) if key is not None else "*"
         request = AuthzRequest(
             principal,
             role.action,
@@ -464,9 +572,14 @@ class KeyStore:
             grants = self._catalog.grants_for_key(key.key_uuid)
             if grants:
                 decision = decide(request, key_policy=compiled, grants=grants)
-        call.decisions.append(("allow " if decision.allowed else "deny ") + decision.by)
+        recorded = ("allow " if decision.allowed else "deny ") + decision.by
+        call.decisions.append(recorded)
         if not decision.allowed:
             raise access_denied(request, decision)
+        if memo_key is not None and not decision.by.startswith("grant:"):  # grants change without a policy change
+            if len(self._allowed) >= _DECISION_MEMO_MAX:
+                self._allowed.clear()
+            self._allowed[memo_key] = recorded
         call.authorized = True
 
     def _key(
@@ -481,11 +594,14 @@ class KeyStore:
         is_alias = text.startswith("alias/") or ":alias/" in text
         if is_alias and not alias_ok:
             raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
-        key = self._lookup(text)
         chosen = call.op.keys[role] if isinstance(role, int) else role
         alias = None
         if is_alias:
             alias = text if text.startswith("alias/") else text.split(":", 5)[-1]
+            if chosen.creates_aws_managed and (text == alias or self._scope.resource(text) == alias):
+                managed.ensure_key(self, call, alias)  # alias/aws/<service>: created on first use
+        key = self._lookup(text)
+        managed.refuse_management(self, call, key)  # as AWS refuses it for AWS managed keys
         self._authorize(call, key, chosen, request_alias=alias)
         return key
 
@@ -568,7 +684,7 @@ class KeyStore:
             key_usage=key.usage,
             key_state=key.state,
             origin=key.origin,
-            key_manager="CUSTOMER",
+            key_manager=key.key_manager,
             customer_master_key_spec=key.spec,
             key_spec=key.spec,
             deletion_date=key.deletion_date,
@@ -582,8 +698,32 @@ class KeyStore:
             current_version=key.current_version,
         )
 
+    def _recall(self, call: Call) -> str | None:
+        """The resource an earlier committed attempt of this logical request made (retries)."""
+        if call.invocation_id is None:
+            return None
+        principal = call.principal.arn if call.principal is not None else ""
+        return self._catalog.recall_request(principal, call.invocation_id, call.op.name)
+
+    def _remember(self, call: Call, resource: str) -> None:
+        """Record the call's resource for its retries; inside the effect's transaction."""
+        if call.invocation_id is None:
+            return
+        principal = call.principal.arn if call.principal is not None else ""
+        self._catalog.remember_request(principal, call.invocation_id, call.op.name, resource, self._now())
+
     def _seal(self, call: Call, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]) -> bytes:
-        """Encrypt under the key's current version into a blob."""
+        """Encrypt under the key's current version into a blob.
+
+        Each encryption spends one of the version's AES-GCM budget (a local decrement);
+        a spent version is retired and the key rotated first (_retire_spent_version).
+        """
+        for _ in range(3):
+            if self._gcm_budget.take(KeyVersionRef(key.key_uuid, key.current_version)):
+                break
+            key = self._retire_spent_version(call, key)
+        else:  # rotated, and the new version was spent too: only with absurd limits
+            raise KMSInternalException(f"no AES-GCM budget left for {self._arn(key.key_uuid)}")
         version = key.current_version
         iv = self._ivs.take()
         header = ciphertext.header(key.key_uuid, version, iv)
@@ -592,6 +732,70 @@ class KeyStore:
         )
         call.used(self._arn(key.key_uuid), version)
         return header + body
+
+    def _retire_spent_version(self, call: Call, key: KeyRecord) -> KeyRecord:
+        """The key after retiring its spent current version from encryption.
+
+        Rotates the key (a new current version, rotation type AUTOMATIC), logged and
+        audited as operation ``AutomaticRotation``. A key that cannot rotate (imported
+        material) is refused with KMSInvalidStateException: its state no longer allows
+        Encrypt (Decrypt still works), it is permanent, and botocore does not retry it
+        (it retries LimitExceededException as throttling, which would only repeat it).
+        """
+        from hsmkeys.ops.rotation import rotate
+
+        arn = self._arn(key.key_uuid)
+        spent = key.current_version
+        if key.origin is Origin.EXTERNAL or not keyspecs.is_rotatable(key.spec):
+            log.error("event=gcm_limit_reached key=%s version=%d rotation=impossible", arn, spent)
+            raise KMSInvalidStateException(
+                f"{arn} has done the {self._gcm_budget.limit} encryptions AES-GCM allows one key "
+                "version and cannot be rotated (imported key material); it can still decrypt. "
+                "Encrypt with a new key."
+            )
+        request_id = call.request_id or str(uuid.uuid4())
+        self._record_internal("AutomaticRotation", request_id, arn, spent, "intent", "Pending")
+        outcome = "Success"
+        try:
+            rotated = rotate(self, None, key, RotationType.AUTOMATIC, retiring=spent)
+        except KMSError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._record_internal("AutomaticRotation", request_id, arn, spent, "done", outcome)
+        if rotated is None:  # another process or thread rotated it first
+            fresh = self._catalog.get_key(key.key_uuid)
+            if fresh is None or fresh.state is KeyState.PURGING:
+                raise NotFoundException(f"Key '{arn}' does not exist")
+            self._require_enabled(fresh)
+            return fresh
+        log.warning(
+            "event=gcm_limit_rotation key=%s retired_version=%d current_version=%d limit=%d",
+            arn,
+            spent,
+            rotated.current_version,
+            self._gcm_budget.limit,
+        )
+        return rotated
+
+    def _record_internal(
+        self, operation: str, request_id: str, arn: str, version: int, phase: str, outcome: str
+    ) -> None:
+        """An audit line for a change hsmkeys makes by itself (no caller of its own)."""
+        if self._audit is None:
+            return
+        self._audit.record(
+            AuditEvent(
+                time=self._now(),
+                request_id=request_id,
+                principal=None,
+                operation=operation,
+                phase=phase,
+                key_arns=(arn,),
+                key_version=version,
+                outcome=outcome,
+            )
+        )
 
     def _open(
         self,
@@ -670,14 +874,29 @@ class KeyStore:
                 return False  # cancelled meanwhile
             if fresh.state is not KeyState.PURGING:
                 self._catalog.update_key(replace(fresh, state=KeyState.PURGING))
+        faultpoints.reached("purge.marked")
         for version in self._catalog.list_versions(key.key_uuid):
             self._hsm.destroy_key(version.ref)
+        faultpoints.reached("purge.objects_destroyed")
         self._catalog.delete_key(key.key_uuid)
         return True
 
     def doctor(self, *, fix: bool = False) -> DoctorReport:
-        """Compare the HSM with the catalog; with ``fix``, destroy orphans and finish purges."""
+        """Compare the HSM with the catalog; with ``fix``, destroy orphans and finish purges.
+
+        A create or rotation makes its HSM object before its row commits, so an object
+        without a row may be in flight. Every scan records when it first saw each orphan
+        (catalog table); ``fix`` destroys only orphans first seen at least the grace
+        period (``doctor_grace_seconds``) ago, and checks each again under the catalog's
+        write transaction right before destroying it. Import wrapping pairs are removed
+        once seen for longer than their token lives (24 h); the HSM keeps no creation
+        time, so the first sighting bounds their age from below.
+        """
+        from hsmkeys.ops.imports import TOKEN_LIFETIME
+
+        now = self._now()
         in_hsm = {ref for ref in self._hsm.list_key_refs() if ref.key_uuid != RESERVED_UUID}
+        wrapping = self._hsm.list_wrapping_refs()
         in_catalog = self._catalog.all_version_refs()
         purging = [k for k in self._catalog.keys_due_purge(self._now()) if k.state is KeyState.PURGING]
         # Keys whose objects are meant to be absent: being purged, or awaiting imported material.
@@ -690,15 +909,41 @@ class KeyStore:
         missing = tuple(
             sorted((r for r in in_catalog - in_hsm if r.key_uuid not in purging_uuids), key=_ref_order)
         )
-        report = DoctorReport(orphans, missing, tuple(str(k.key_uuid) for k in purging))
+        seen = self._catalog.record_sightings(
+            [ref.label for ref in orphans] + [wrapping_label(ref) for ref in wrapping], now
+        )
+        ripe = tuple(ref for ref in orphans if seen[ref.label] <= now - self._doctor_grace)
+        stale = tuple(
+            sorted((r for r in wrapping if seen[wrapping_label(r)] <= now - TOKEN_LIFETIME), key=_ref_order)
+        )
+        report = DoctorReport(
+            orphans,
+            missing,
+            tuple(str(k.key_uuid) for k in purging),
+            young_orphans=tuple(ref for ref in orphans if ref not in ripe),
+            stale_wrapping_keys=stale,
+        )
         if not fix:
             return report
-        for ref in orphans:
-            if ref not in self._catalog.all_version_refs():  # re-check: a create may have committed since
-                self._hsm.destroy_key(ref)
+        destroyed: list[KeyVersionRef] = []
+        if ripe:
+            # Under the write transaction no create or rotation can commit a row for one
+            # of these between the final check and the destroy.
+            with self._catalog.transaction():
+                referenced = self._catalog.all_version_refs()
+                for ref in ripe:
+                    if ref in referenced:
+                        continue
+                    faultpoints.reached("doctor.before_destroy")
+                    self._hsm.destroy_key(ref)
+                    destroyed.append(ref)
+                    log.warning("event=doctor_destroyed_orphan label=%s", ref.label)
+        for ref in stale:
+            self._hsm.destroy_wrapping_key(ref)
+            log.warning("event=doctor_destroyed_wrapping_key label=%s", wrapping_label(ref))
         for key in purging:
             self._purge(key)
-        return replace(report, fixed=True)
+        return replace(report, fixed=True, destroyed=tuple(destroyed))
 
     def preload(self) -> int:
         """Index this process's HSM objects now, in one pass over the token.
@@ -746,6 +991,7 @@ class KeyStore:
     generate_data_key_without_plaintext = operations.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT
     generate_mac = operations.GENERATE_MAC
     generate_random = operations.GENERATE_RANDOM
+    get_key_last_usage = operations.GET_KEY_LAST_USAGE
     get_key_policy = operations.GET_KEY_POLICY
     get_key_rotation_status = operations.GET_KEY_ROTATION_STATUS
     get_parameters_for_import = operations.GET_PARAMETERS_FOR_IMPORT
@@ -781,6 +1027,18 @@ def principals_from_settings(settings: Settings) -> dict[str, Principal]:
         policy = compile_policy(text, kind="identity") if text else None
         found[p.arn] = Principal(p.arn, identity_policy=policy)
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _volatile(policy: object) -> bool:
+    """Whether a policy (its text, or a compiled identity policy) reads a volatile key."""
+    if policy is None:
+        return False
+    text = policy if isinstance(policy, str) else getattr(policy, "source", None)
+    if text is None:
+        return True  # a compiled policy we cannot inspect: never memoise
+    low = text.lower()
+    return any(k in low for k in _VOLATILE_KEYS)
 
 
 def _condition_text(value: object) -> str:

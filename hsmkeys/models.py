@@ -433,3 +433,27 @@ class ImportKeyMaterialResult:
 @dataclass(frozen=True, slots=True)
 class DeleteImportedKeyMaterialResult:
     key_id: str  # key ARN
+
+
+# ------------------------------------------------ AWS managed keys and key usage
+
+
+class KeyManager(enum.StrEnum):
+    CUSTOMER = "CUSTOMER"
+    AWS = "AWS"  # an AWS managed key (alias/aws/<service>): created on first use, not manageable
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLastUsageData:
+    operation: str  # a KeyLastUsageTrackingOperation: Encrypt, Decrypt, Sign, ...
+    timestamp: datetime
+    cloud_trail_event_id: str  # the audit line's request id
+    kms_request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetKeyLastUsageResult:
+    key_id: str  # key ARN
+    tracking_start_date: datetime
+    key_creation_date: datetime
+    key_last_usage: KeyLastUsageData | None = None  # None: not used since tracking started

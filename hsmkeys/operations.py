@@ -29,6 +29,7 @@ import hsmkeys.ops.policies as policies
 import hsmkeys.ops.rotation as rotation
 import hsmkeys.ops.symmetric as symmetric
 import hsmkeys.ops.tags as tags
+import hsmkeys.ops.usage as usage
 
 if TYPE_CHECKING:
     from hsmkeys.call import Call
@@ -46,13 +47,15 @@ class KeyRole:
     the ciphertext or by a grant); ``grant_operation`` the name a grant must list to
     allow it (None: grants cannot allow it); ``context_member`` the request member
     whose encryption context the kms:EncryptionContext condition keys and grant
-    constraints see.
+    constraints see. ``creates_aws_managed``: an ``alias/aws/<service>`` naming the key
+    there creates that AWS managed key on first use (in the caller's account).
     """
 
     action: str
     member: str | None = "key_id"
     grant_operation: str | None = None
     context_member: str | None = None
+    creates_aws_managed: bool = False
 
 
 class Operation(Generic[P, R]):
@@ -116,8 +119,15 @@ _SIGN_ALG = (("signing_algorithm", "kms:SigningAlgorithm"), ("message_type", "km
 _MAC_ALG = (("mac_algorithm", "kms:MacAlgorithm"),)
 
 
-def _role(action: str, *, grant: bool = False, member: str | None = "key_id", context: str | None = None) -> KeyRole:
-    return KeyRole(action, member, action[4:] if grant else None, context)
+def _role(
+    action: str,
+    *,
+    grant: bool = False,
+    member: str | None = "key_id",
+    context: str | None = None,
+    creates_aws_managed: bool = False,
+) -> KeyRole:
+    return KeyRole(action, member, action[4:] if grant else None, context, creates_aws_managed)
 
 
 def _keyed(
@@ -128,12 +138,13 @@ def _keyed(
     mutating: bool = False,
     context: str | None = None,
     conditions: tuple[tuple[str, str], ...] = (),
+    creates_aws_managed: bool = False,
 ) -> Operation[P, R]:
     action = f"kms:{name}"
     return Operation(
         name,
         impl,
-        keys=(_role(action, grant=grant, context=context),),
+        keys=(_role(action, grant=grant, context=context, creates_aws_managed=creates_aws_managed),),
         mutating=mutating,
         conditions=conditions,
     )
@@ -152,7 +163,7 @@ CREATE_KEY = Operation(
         ("bypass_policy_lockout_safety_check", "kms:BypassPolicyLockoutSafetyCheck"),
     ),
 )
-DESCRIBE_KEY = _keyed("DescribeKey", keys.describe_key, grant=True)
+DESCRIBE_KEY = _keyed("DescribeKey", keys.describe_key, grant=True, creates_aws_managed=True)
 LIST_KEYS = Operation("ListKeys", keys.list_keys)
 UPDATE_KEY_DESCRIPTION = _keyed("UpdateKeyDescription", keys.update_key_description, mutating=True)
 ENABLE_KEY = _keyed("EnableKey", keys.enable_key, mutating=True)
@@ -198,7 +209,9 @@ UNTAG_RESOURCE = _keyed(
 LIST_RESOURCE_TAGS = _keyed("ListResourceTags", tags.list_resource_tags)
 
 # ---------------------------------------------------------------- symmetric crypto
-ENCRYPT = _keyed("Encrypt", symmetric.encrypt, grant=True, context=_ENC, conditions=_ENC_ALG)
+ENCRYPT = _keyed(
+    "Encrypt", symmetric.encrypt, grant=True, context=_ENC, conditions=_ENC_ALG, creates_aws_managed=True
+)
 DECRYPT = _keyed("Decrypt", symmetric.decrypt, grant=True, context=_ENC, conditions=_ENC_ALG)
 RE_ENCRYPT = Operation(
     "ReEncrypt",
@@ -207,7 +220,11 @@ RE_ENCRYPT = Operation(
     keys=(
         _role("kms:ReEncryptFrom", grant=True, member="source_key_id", context="source_encryption_context"),
         _role(
-            "kms:ReEncryptTo", grant=True, member="destination_key_id", context="destination_encryption_context"
+            "kms:ReEncryptTo",
+            grant=True,
+            member="destination_key_id",
+            context="destination_encryption_context",
+            creates_aws_managed=True,
         ),
     ),
     conditions=(
@@ -215,9 +232,15 @@ RE_ENCRYPT = Operation(
         ("destination_encryption_algorithm", "kms:EncryptionAlgorithm"),
     ),
 )
-GENERATE_DATA_KEY = _keyed("GenerateDataKey", symmetric.generate_data_key, grant=True, context=_ENC)
+GENERATE_DATA_KEY = _keyed(
+    "GenerateDataKey", symmetric.generate_data_key, grant=True, context=_ENC, creates_aws_managed=True
+)
 GENERATE_DATA_KEY_WITHOUT_PLAINTEXT = _keyed(
-    "GenerateDataKeyWithoutPlaintext", symmetric.generate_data_key_without_plaintext, grant=True, context=_ENC
+    "GenerateDataKeyWithoutPlaintext",
+    symmetric.generate_data_key_without_plaintext,
+    grant=True,
+    context=_ENC,
+    creates_aws_managed=True,
 )
 GENERATE_RANDOM = Operation("GenerateRandom", symmetric.generate_random)
 
@@ -233,6 +256,7 @@ GENERATE_DATA_KEY_PAIR = _keyed(
     grant=True,
     context=_ENC,
     conditions=(("key_pair_spec", "kms:DataKeyPairSpec"),),
+    creates_aws_managed=True,
 )
 GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT = _keyed(
     "GenerateDataKeyPairWithoutPlaintext",
@@ -240,6 +264,7 @@ GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT = _keyed(
     grant=True,
     context=_ENC,
     conditions=(("key_pair_spec", "kms:DataKeyPairSpec"),),
+    creates_aws_managed=True,
 )
 DERIVE_SHARED_SECRET = _keyed(
     "DeriveSharedSecret",
@@ -259,6 +284,9 @@ DISABLE_KEY_ROTATION = _keyed("DisableKeyRotation", rotation.disable_key_rotatio
 GET_KEY_ROTATION_STATUS = _keyed("GetKeyRotationStatus", rotation.get_key_rotation_status)
 ROTATE_KEY_ON_DEMAND = _keyed("RotateKeyOnDemand", rotation.rotate_key_on_demand, mutating=True)
 LIST_KEY_ROTATIONS = _keyed("ListKeyRotations", rotation.list_key_rotations)
+
+# ---------------------------------------------------------------- key usage
+GET_KEY_LAST_USAGE = _keyed("GetKeyLastUsage", usage.get_key_last_usage)
 
 # ---------------------------------------------------------------- deletion
 SCHEDULE_KEY_DELETION = _keyed("ScheduleKeyDeletion", keys.schedule_key_deletion, mutating=True)

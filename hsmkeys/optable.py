@@ -36,7 +36,6 @@ NOT_SERVED_BECAUSE: Mapping[str, str] = {
     "UpdatePrimaryRegion": _MULTI_REGION,
     "Encapsulate": _ML_KEM,
     "Decapsulate": _ML_KEM,
-    "GetKeyLastUsage": "not implemented; the audit log records every use of a key",
 }
 _NOT_YET = "not implemented yet"
 

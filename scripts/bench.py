@@ -63,6 +63,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -394,6 +395,34 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
     finally:
         session.close()
         store.close()
+
+
+def phase_audit(token: BenchToken, lines: int) -> dict[str, float]:
+    """The audit writer alone: lines/s appended (chained, checkpoints MAC'd in the HSM)."""
+    _enter_token(token)
+    from hsmkeys.audit import AuditEvent, AuditLog
+
+    store = _open_keystore(token)
+    folder = Path(tempfile.mkdtemp(prefix="hsmkeys-bench-audit-"))
+    audit = AuditLog(folder / "audit.log", mac=store.audit_mac, checkpoints=store._catalog)
+    try:
+        arn = store.create_key().key_metadata.arn
+        event = AuditEvent(
+            time=datetime.now(UTC), request_id="bench", principal="arn:aws:iam::111122223333:user/admin",
+            operation="Encrypt", key_arns=(arn,), key_version=1, decision="allow key-policy:Admin",
+            source="127.0.0.1",
+        )
+        for _ in range(200):
+            audit.record(event)
+        start = time.perf_counter()
+        for _ in range(lines):
+            audit.record(event)
+        elapsed = time.perf_counter() - start
+        return {"lines": lines, "lines_per_s": lines / elapsed, "us_per_line": elapsed / lines * 1e6}
+    finally:
+        audit.close()
+        store.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _twenty_statement_policy(account: str, app: str) -> str:
@@ -1054,6 +1083,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             ratios["envelope_kms_calls_per_1000_messages"] = None
             guarded("envelope", envelope)
+
+            def audit_writer() -> None:
+                figures["audit"] = _in_fresh_process(phase_audit, token, 20_000, timeout=600)
+                report["audit_lines_per_s"] = figures["audit"]["lines_per_s"]
+
+            if not args.envelope_only:
+                guarded("audit", audit_writer)
         if args.server:
 
             def servers() -> None:

@@ -134,12 +134,13 @@ class CompiledPolicy:
     the statements would compute anyway (safe to share between threads).
     """
 
-    __slots__ = ("_by_action", "_by_caller", "_statements", "id", "kind", "statements", "version")
+    __slots__ = ("_by_action", "_by_caller", "_statements", "id", "kind", "source", "statements", "version")
 
     _MEMO_LIMIT: Final = 1024
 
     def __init__(self, kind: PolicyKind, version: str | None, policy_id: str | None,
-                 statements: list[_StatementActions]) -> None:
+                 statements: list[_StatementActions], source: str = "") -> None:
+        self.source = source  # the policy text it was compiled from
         self.kind = kind
         self.version = version
         self.id = policy_id
@@ -265,7 +266,7 @@ def compile_policy(text: str, *, kind: PolicyKind) -> CompiledPolicy:
         _compile_statement(raw, index, kind, variables, seen_sids)
         for index, raw in enumerate(raw_statements)
     ]
-    return CompiledPolicy(kind, version, policy_id, compiled)
+    return CompiledPolicy(kind, version, policy_id, compiled, text)
 
 
 def _compile_statement(raw: Any, index: int, kind: PolicyKind, variables: bool,

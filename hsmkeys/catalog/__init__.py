@@ -34,4 +34,7 @@ def open_catalog(settings: Settings) -> Catalog:
             f"catalog: a postgresql:// catalog needs psycopg and psycopg-pool "
             f"(pip install 'hsmkeys[postgres]'): {exc}"
         ) from None
-    return PostgresCatalog(settings.catalog_url, password=settings.catalog_password())
+    catalog = PostgresCatalog(settings.catalog_url, password=settings.catalog_password())
+    # This host's own files (maintenance lock, default TLS pair) go beside settings.catalog.
+    settings.catalog.parent.mkdir(parents=True, exist_ok=True)
+    return catalog

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, Origin, RotationType
+from hsmkeys.models import (
+    KeyManager,
+    KeySpec,
+    KeyState,
+    KeyUsage,
+    KeyVersionRef,
+    Origin,
+    RotationType,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,7 @@ class KeyRecord:
     valid_to: datetime | None = None
     expiration_model: str | None = None
     material_fingerprint: str | None = None
+    key_manager: KeyManager = KeyManager.CUSTOMER  # AWS: an AWS managed key (alias/aws/<service>)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,41 @@ class AuditCheckpoint:
     mac: str  # hex HMAC of the checkpoint, computed in the HSM
     file_name: str  # base name of the file holding that line
     time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLastUse:
+    """The last successful cryptographic operation on a key (GetKeyLastUsage)."""
+
+    operation: str
+    time: datetime
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCount:
+    """Successful requests of one operation on one key by one account in one UTC hour."""
+
+    key_uuid: uuid.UUID | None  # None: a keyless operation (GenerateRandom)
+    operation: str
+    account: str
+    hour: datetime  # the start of the hour
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLifetime:
+    """When a key existed (``deleted_at`` None: it still does), for key-month billing.
+
+    ``tags`` and ``aliases`` are the key's current ones, or those it had when purged.
+    """
+
+    key_uuid: uuid.UUID
+    key_manager: KeyManager
+    created_at: datetime
+    deleted_at: datetime | None
+    tags: Mapping[str, str]
+    aliases: tuple[str, ...]
 
 
 class Catalog(Protocol):
@@ -223,4 +267,50 @@ class Catalog(Protocol):
 
     def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         """Store the newest checkpoint of a chain (replaces the previous one)."""
+        ...
+
+    # ------------------------------------------------------------- key usage
+    # insert_key records the key's lifetime and delete_key closes it (with the key's
+    # tags and aliases at that moment), so purged keys are still billed for their time.
+
+    def add_usage(self, counts: Iterable[UsageCount], last_uses: Mapping[uuid.UUID, KeyLastUse]) -> None:
+        """Add the counts to the stored ones and keep the newer last use of each key (of
+        keys that still exist), in one transaction. Must not invalidate read caches."""
+        ...
+
+    def get_key_last_use(self, key_uuid: uuid.UUID) -> KeyLastUse | None: ...
+
+    def usage_tracking_start(self) -> datetime:
+        """When this catalog began recording key usage (the migration that added it)."""
+        ...
+
+    def list_usage(self, since: datetime, until: datetime) -> list[UsageCount]:
+        """Stored counts of the hours that start in [since, until)."""
+        ...
+
+    def list_key_lifetimes(self, since: datetime, until: datetime) -> list[KeyLifetime]:
+        """Keys that existed at some time in [since, until), ordered by UUID."""
+        ...
+
+    # ------------------------------------------------------------- reliability
+    def reserve_encryptions(self, ref: KeyVersionRef, count: int, limit: int) -> int:
+        """Atomically reserve up to ``count`` AES-GCM encryptions of a version, never past
+        ``limit`` in total; returns how many were granted (0: the version is spent).
+        Reservations are never returned. NotFoundException for an unknown version."""
+        ...
+
+    def record_sightings(self, names: Iterable[str], now: datetime) -> dict[str, datetime]:
+        """doctor's orphan bookkeeping: the first-seen time of each name (``now`` for a new
+        one), forgetting stored names not given. One transaction."""
+        ...
+
+    def remember_request(
+        self, principal: str, invocation_id: str, operation: str, resource: str, now: datetime
+    ) -> None:
+        """Record the resource a non-idempotent request made, in the caller's transaction
+        (rows older than a day may be dropped). AlreadyExistsException if recorded."""
+        ...
+
+    def recall_request(self, principal: str, invocation_id: str, operation: str) -> str | None:
+        """The resource an earlier, committed attempt of the same request made."""
         ...

@@ -129,7 +129,7 @@ def sqlite_checkpoint_ids(path: Path) -> list[str]:
         conn.close()
 
 
-def copy_catalog(source: Catalog, checkpoint_ids: list[str], target: PostgresCatalog) -> CatalogSummary:
+def copy_catalog(source: SqliteCatalog, checkpoint_ids: list[str], target: PostgresCatalog) -> CatalogSummary:
     """Copy ``source`` into the empty ``target`` and verify it, in one target transaction.
 
     Raises KMSInvalidStateException if the target holds any row, KMSInternalException
@@ -146,6 +146,10 @@ def copy_catalog(source: Catalog, checkpoint_ids: list[str], target: PostgresCat
             target.insert_key(key, versions[0])
             for version in versions[1:]:
                 target.add_version(version)  # moves current_version; update_key restores it
+            for version in versions:  # AES-GCM use counts: a reset would allow IV reuse
+                spent = source.encryptions_reserved(version.ref)
+                if spent:
+                    target.reserve_encryptions(version.ref, spent, spent)
             target.update_key(key)
             tags = source.get_tags(key.key_uuid)
             if tags:

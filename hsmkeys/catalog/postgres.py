@@ -21,7 +21,8 @@ Read cache (``get_key``, ``get_alias``, ``grants_for_key``): as in SqliteCatalog
 process and tagged with a generation number. Every writing transaction sends
 ``NOTIFY hsmkeys_catalog`` before its COMMIT, so the notification is delivered only if
 the change commits. A listener thread per catalog holds its own connection and bumps
-the generation on each notification (and the writer bumps its own at once). Entries
+the generation on each notification from another instance (a writer bumps its own
+at once, after the commit). Entries
 also expire after ``CACHE_MAX_AGE_SECONDS``; while the listener is disconnected the
 cache is bypassed, and reconnecting flushes it. The generation is read before the
 database, so an answer loaded while a change committed is never kept.
@@ -48,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
@@ -62,7 +63,10 @@ from hsmkeys.catalog.base import (
     AliasRecord,
     AuditCheckpoint,
     GrantRecord,
+    KeyLastUse,
+    KeyLifetime,
     KeyRecord,
+    UsageCount,
     VersionRecord,
 )
 from hsmkeys.errors import (
@@ -72,7 +76,15 @@ from hsmkeys.errors import (
     KMSInternalException,
     NotFoundException,
 )
-from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, Origin, RotationType
+from hsmkeys.models import (
+    KeyManager,
+    KeySpec,
+    KeyState,
+    KeyUsage,
+    KeyVersionRef,
+    Origin,
+    RotationType,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -162,21 +174,73 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             time timestamptz NOT NULL
         )""",
     ),
+    (
+        # AWS managed keys, and key usage: lifetimes outlive purged keys (key-month billing),
+        # counts are per hour, key ('' for none), operation and caller account.
+        "ALTER TABLE keys ADD COLUMN key_manager text NOT NULL DEFAULT 'CUSTOMER'",
+        """CREATE TABLE key_lifetimes (
+            uuid uuid PRIMARY KEY,
+            key_manager text NOT NULL,
+            created_at timestamptz NOT NULL,
+            deleted_at timestamptz,
+            tags jsonb,
+            aliases jsonb
+        )""",
+        "INSERT INTO key_lifetimes (uuid, key_manager, created_at) SELECT uuid, key_manager, created_at FROM keys",
+        """CREATE TABLE usage_counts (
+            hour timestamptz NOT NULL,
+            uuid text COLLATE "C" NOT NULL,
+            operation text COLLATE "C" NOT NULL,
+            account text COLLATE "C" NOT NULL,
+            count bigint NOT NULL CHECK (count >= 0),
+            PRIMARY KEY (hour, uuid, operation, account)
+        )""",
+        """CREATE TABLE key_last_use (
+            uuid uuid PRIMARY KEY REFERENCES keys (uuid) ON DELETE CASCADE,
+            operation text NOT NULL,
+            time timestamptz NOT NULL,
+            request_id text NOT NULL
+        )""",
+        """CREATE TABLE usage_tracking (
+            id integer PRIMARY KEY CHECK (id = 1),
+            started_at timestamptz NOT NULL
+        )""",
+        "INSERT INTO usage_tracking (id, started_at) VALUES (1, now())",
+    ),
+    (
+        # Reliability: AES-GCM encryptions reserved per version (blocks, never given back),
+        # when doctor first saw each orphan object, and the resource each retried
+        # non-idempotent request made (by the SDK's invocation id).
+        "ALTER TABLE key_versions ADD COLUMN encryptions_reserved bigint NOT NULL DEFAULT 0",
+        """CREATE TABLE doctor_sightings (
+            name text PRIMARY KEY,
+            first_seen timestamptz NOT NULL
+        )""",
+        """CREATE TABLE request_results (
+            principal text NOT NULL,
+            invocation_id text NOT NULL,
+            operation text NOT NULL,
+            resource text NOT NULL,
+            created_at timestamptz NOT NULL,
+            PRIMARY KEY (principal, invocation_id, operation)
+        )""",
+        "CREATE INDEX request_results_by_age ON request_results (created_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _KEY_COLUMNS = (
     "uuid, spec, usage, origin, state, description, created_at, current_version, "
     "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy, "
-    "valid_to, expiration_model, material_fingerprint"
+    "valid_to, expiration_model, material_fingerprint, key_manager"
 )
 _GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = %s"
-_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join(['%s'] * 16)})"
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join(['%s'] * 17)})"
 _UPDATE_KEY = (
     "UPDATE keys SET spec = %s, usage = %s, origin = %s, state = %s, description = %s, "
     "created_at = %s, current_version = %s, rotation_period_days = %s, next_rotation_at = %s, "
     "deletion_date = %s, pending_window_days = %s, policy = %s, valid_to = %s, "
-    "expiration_model = %s, material_fingerprint = %s WHERE uuid = %s"
+    "expiration_model = %s, material_fingerprint = %s, key_manager = %s WHERE uuid = %s"
 )
 _MATERIAL_EXPIRED = (
     f"SELECT {_KEY_COLUMNS} FROM keys WHERE valid_to IS NOT NULL AND valid_to <= %s AND state <> %s "
@@ -206,6 +270,7 @@ _USAGES = {m.value: m for m in KeyUsage}
 _ORIGINS = {m.value: m for m in Origin}
 _STATES = {m.value: m for m in KeyState}
 _ROTATION_TYPES = {m.value: m for m in RotationType}
+_KEY_MANAGERS = {m.value: m for m in KeyManager}
 
 #: SQLSTATEs that mean "another transaction got in the way: try again".
 _BUSY = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable)
@@ -239,6 +304,7 @@ def _key_from_row(row: Any) -> KeyRecord:
         valid_to=row[13],
         expiration_model=row[14],
         material_fingerprint=row[15],
+        key_manager=_KEY_MANAGERS[row[16]],
     )
 
 
@@ -260,6 +326,7 @@ def _key_values(key: KeyRecord) -> tuple[object, ...]:
         _aware_or_none(key.valid_to),
         key.expiration_model,
         key.material_fingerprint,
+        key.key_manager.value,
     )
 
 
@@ -397,6 +464,7 @@ class PostgresCatalog:
         self._target = redacted(dsn)
         self._application_name = application_name
         self._local = threading.local()
+        self._instance_id = uuid.uuid4().hex  # the payload of this catalog's notifications
         self._cache_lock = threading.Lock()
         # uuid -> KeyRecord | None, ("alias", name) -> AliasRecord | None,
         # ("grants", uuid) -> tuple[GrantRecord, ...]
@@ -504,8 +572,9 @@ class PostgresCatalog:
                 self._listener_ready.set()
                 delay = 0.05
                 while not self._closing.is_set():
-                    for _ in conn.notifies(timeout=LISTEN_POLL_SECONDS):
-                        self._invalidate()
+                    for notify in conn.notifies(timeout=LISTEN_POLL_SECONDS):
+                        if notify.payload != self._instance_id:  # its own: invalidated at commit
+                            self._invalidate()
             except psycopg.Error as exc:
                 if not self._closing.is_set():
                     _log.warning("catalog_listener_lost error=%r", exc)
@@ -578,7 +647,7 @@ class PostgresCatalog:
                     with conn.transaction():
                         yield
                         if tx.dirty:  # inside the transaction: delivered only on commit
-                            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._instance_id))
                 finally:
                     self._local.tx = None
         except (psycopg.Error, PoolTimeout) as exc:
@@ -593,9 +662,12 @@ class PostgresCatalog:
         *,
         exists: str = "",
         missing: str = "",
+        announce: bool = True,
     ) -> T:
         """Run ``body`` as a write: in a savepoint of the open transaction, else in a
-        transaction of its own, retried when the database says it collided."""
+        transaction of its own, retried when the database says it collided.
+
+        ``announce=False``: the write touches no cached table, so it sends no NOTIFY."""
         tx = self._tx()
         if tx is not None:
             try:
@@ -603,14 +675,14 @@ class PostgresCatalog:
                     result = body(tx.conn)
             except psycopg.Error as exc:
                 raise _mapped(operation, exc, exists=exists, missing=missing) from exc
-            tx.dirty = True
+            tx.dirty = tx.dirty or announce
             return result
         for attempt in range(WRITE_RETRIES):
             try:
                 with self.transaction():
                     inner = self._tx()
                     assert inner is not None
-                    inner.dirty = True
+                    inner.dirty = announce
                     try:
                         return body(inner.conn)
                     except psycopg.Error as exc:
@@ -649,6 +721,11 @@ class PostgresCatalog:
         def body(conn: psycopg.Connection[Any]) -> None:
             conn.execute(_INSERT_KEY, (key.key_uuid, *_key_values(key)))
             self._insert_version(conn, first_version)
+            conn.execute(
+                "INSERT INTO key_lifetimes (uuid, key_manager, created_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (uuid) DO NOTHING",
+                (key.key_uuid, key.key_manager.value, _aware(key.created_at)),
+            )
 
         self._write("insert_key", body, exists=f"Key '{key.key_uuid}' already exists.")
 
@@ -671,8 +748,21 @@ class PostgresCatalog:
             raise NotFoundException(f"Key '{key.key_uuid}' does not exist.")
 
     def delete_key(self, key_uuid: uuid.UUID) -> None:
-        # ON DELETE CASCADE removes its versions, aliases, tags and grants.
-        self._write("delete_key", lambda conn: conn.execute("DELETE FROM keys WHERE uuid = %s", (key_uuid,)))
+        def body(conn: psycopg.Connection[Any]) -> None:
+            # Close the key's lifetime (billing) with what it was labelled by, then delete:
+            # ON DELETE CASCADE removes its versions, aliases, tags, grants and last use.
+            conn.execute(
+                "UPDATE key_lifetimes AS l SET deleted_at = coalesce(k.deletion_date, now()), "
+                "tags = (SELECT coalesce(jsonb_object_agg(tag_key, tag_value), '{}'::jsonb) "
+                "FROM tags WHERE uuid = k.uuid), "
+                "aliases = (SELECT coalesce(jsonb_agg(name ORDER BY name), '[]'::jsonb) "
+                "FROM aliases WHERE uuid = k.uuid) "
+                "FROM keys AS k WHERE k.uuid = %s AND l.uuid = k.uuid",
+                (key_uuid,),
+            )
+            conn.execute("DELETE FROM keys WHERE uuid = %s", (key_uuid,))
+
+        self._write("delete_key", body)
 
     def list_keys(
         self, *, limit: int, after: uuid.UUID | None = None, exclude_purging: bool = False
@@ -767,6 +857,89 @@ class PostgresCatalog:
     def all_version_refs(self) -> set[KeyVersionRef]:
         rows = self._fetch("all_version_refs", "SELECT uuid, version FROM key_versions", ())
         return {KeyVersionRef(row[0], row[1]) for row in rows}
+
+    def reserve_encryptions(self, ref: KeyVersionRef, count: int, limit: int) -> int:
+        """Reserve up to ``count`` more encryptions of a version, never past ``limit`` in
+        total; how many were granted (0: the version is spent). The version's row is
+        locked while it is read and raised, so hosts never hand out the same block.
+        NotFoundException for an unknown version."""
+
+        def body(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "SELECT encryptions_reserved FROM key_versions WHERE uuid = %s AND version = %s FOR UPDATE",
+                (ref.key_uuid, ref.version),
+            ).fetchone()
+            if row is None:
+                raise NotFoundException(f"Key version {ref.label} does not exist.")
+            granted = max(0, min(count, limit - int(row[0])))
+            if granted:
+                conn.execute(
+                    "UPDATE key_versions SET encryptions_reserved = encryptions_reserved + %s "
+                    "WHERE uuid = %s AND version = %s",
+                    (granted, ref.key_uuid, ref.version),
+                )
+            return granted
+
+        return self._write("reserve_encryptions", body, announce=False)
+
+    def encryptions_reserved(self, ref: KeyVersionRef) -> int:
+        rows = self._fetch(
+            "encryptions_reserved",
+            "SELECT encryptions_reserved FROM key_versions WHERE uuid = %s AND version = %s",
+            (ref.key_uuid, ref.version),
+        )
+        return int(rows[0][0]) if rows else 0
+
+    # ------------------------------------------------------------- doctor
+
+    def record_sightings(self, names: Iterable[str], now: datetime) -> dict[str, datetime]:
+        """When each named orphan was first seen (``now`` for new ones); names no longer
+        given are forgotten. One transaction."""
+        wanted = set(names)
+
+        def body(conn: psycopg.Connection[Any]) -> dict[str, datetime]:
+            conn.execute("LOCK TABLE doctor_sightings IN SHARE ROW EXCLUSIVE MODE")  # one doctor at a time
+            stored: dict[str, datetime] = {
+                row[0]: row[1] for row in conn.execute("SELECT name, first_seen FROM doctor_sightings")
+            }
+            gone = [name for name in stored if name not in wanted]
+            if gone:
+                conn.execute("DELETE FROM doctor_sightings WHERE name = ANY(%s)", (gone,))
+            with conn.cursor() as cur:
+                new = [(name, _aware(now)) for name in wanted if name not in stored]
+                if new:
+                    cur.executemany("INSERT INTO doctor_sightings (name, first_seen) VALUES (%s, %s)", new)
+            return {name: stored.get(name, now) for name in wanted}
+
+        return self._write("record_sightings", body, announce=False)
+
+    # ------------------------------------------------------------- request results
+
+    def remember_request(
+        self, principal: str, invocation_id: str, operation: str, resource: str, now: datetime
+    ) -> None:
+        """Record what a request made (inside the caller's transaction, with the effect);
+        rows older than a day are dropped. AlreadyExistsException if already recorded."""
+
+        def body(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("DELETE FROM request_results WHERE created_at < %s", (_aware(now) - timedelta(days=1),))
+            conn.execute(
+                "INSERT INTO request_results (principal, invocation_id, operation, resource, created_at) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (principal, invocation_id, operation, resource, _aware(now)),
+            )
+
+        self._write("remember_request", body, exists="The request was already done.", announce=False)
+
+    def recall_request(self, principal: str, invocation_id: str, operation: str) -> str | None:
+        """The resource an earlier attempt of this request made, if it committed."""
+        rows = self._fetch(
+            "recall_request",
+            "SELECT resource FROM request_results WHERE principal = %s AND invocation_id = %s "
+            "AND operation = %s",
+            (principal, invocation_id, operation),
+        )
+        return str(rows[0][0]) if rows else None
 
     # ------------------------------------------------------------- aliases
 
@@ -994,6 +1167,85 @@ class PostgresCatalog:
                 ),
             ),
         )
+
+    # ------------------------------------------------------------- key usage
+
+    def add_usage(self, counts: Iterable[UsageCount], last_uses: Mapping[uuid.UUID, KeyLastUse]) -> None:
+        """Add counts and keep each key's newer last use, in one transaction. The usage
+        tables are never cached, so this sends no NOTIFY (caches stay warm)."""
+        count_rows = [
+            (_aware(c.hour), "" if c.key_uuid is None else str(c.key_uuid), c.operation, c.account, c.count)
+            for c in counts
+        ]
+        use_rows = [(k, u.operation, _aware(u.time), u.request_id, k) for k, u in last_uses.items()]
+        if not (count_rows or use_rows):
+            return
+
+        def body(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                if count_rows:
+                    cur.executemany(
+                        "INSERT INTO usage_counts (hour, uuid, operation, account, count) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (hour, uuid, operation, account) "
+                        "DO UPDATE SET count = usage_counts.count + excluded.count",
+                        count_rows,
+                    )
+                if use_rows:
+                    # Only keys that still exist (a purged key has no last use); the newer use wins.
+                    cur.executemany(
+                        "INSERT INTO key_last_use (uuid, operation, time, request_id) "
+                        "SELECT %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM keys WHERE uuid = %s) "
+                        "ON CONFLICT (uuid) DO UPDATE SET operation = excluded.operation, "
+                        "time = excluded.time, request_id = excluded.request_id "
+                        "WHERE excluded.time >= key_last_use.time",
+                        use_rows,
+                    )
+
+        self._write("add_usage", body, announce=False)
+
+    def get_key_last_use(self, key_uuid: uuid.UUID) -> KeyLastUse | None:
+        rows = self._fetch(
+            "get_key_last_use",
+            "SELECT operation, time, request_id FROM key_last_use WHERE uuid = %s",
+            (key_uuid,),
+        )
+        return KeyLastUse(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def usage_tracking_start(self) -> datetime:
+        rows = self._fetch("usage_tracking_start", "SELECT started_at FROM usage_tracking WHERE id = 1", ())
+        started: datetime = rows[0][0]
+        return started
+
+    def list_usage(self, since: datetime, until: datetime) -> list[UsageCount]:
+        rows = self._fetch(
+            "list_usage",
+            "SELECT hour, uuid, operation, account, count FROM usage_counts "
+            "WHERE hour >= %s AND hour < %s ORDER BY hour, uuid, operation, account",
+            (_aware(since), _aware(until)),
+        )
+        return [UsageCount(uuid.UUID(r[1]) if r[1] else None, r[2], r[3], r[0], r[4]) for r in rows]
+
+    def list_key_lifetimes(self, since: datetime, until: datetime) -> list[KeyLifetime]:
+        """Keys that existed in [since, until), ordered by UUID; a live key with its
+        current tags and aliases, a purged one with those it had when purged."""
+        rows = self._fetch(
+            "list_key_lifetimes",
+            "SELECT l.uuid, l.key_manager, l.created_at, l.deleted_at, "
+            "CASE WHEN l.deleted_at IS NULL THEN (SELECT coalesce(jsonb_object_agg(tag_key, tag_value), "
+            "'{}'::jsonb) FROM tags WHERE uuid = l.uuid) ELSE coalesce(l.tags, '{}'::jsonb) END, "
+            "CASE WHEN l.deleted_at IS NULL THEN (SELECT coalesce(jsonb_agg(name ORDER BY name), "
+            "'[]'::jsonb) FROM aliases WHERE uuid = l.uuid) ELSE coalesce(l.aliases, '[]'::jsonb) END "
+            "FROM key_lifetimes AS l WHERE l.created_at < %s AND (l.deleted_at IS NULL OR l.deleted_at > %s) "
+            "ORDER BY l.uuid",
+            (_aware(until), _aware(since)),
+        )
+        try:
+            return [
+                KeyLifetime(r[0], _KEY_MANAGERS[r[1]], r[2], r[3], dict(sorted(r[4].items())), tuple(r[5]))
+                for r in rows
+            ]
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise _internal("list_key_lifetimes", exc) from exc
 
     # ------------------------------------------------------------- migrate-catalog support
 

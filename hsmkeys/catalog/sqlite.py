@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,7 +48,10 @@ from hsmkeys.catalog.base import (
     AliasRecord,
     AuditCheckpoint,
     GrantRecord,
+    KeyLastUse,
+    KeyLifetime,
     KeyRecord,
+    UsageCount,
     VersionRecord,
 )
 from hsmkeys.errors import (
@@ -57,7 +60,15 @@ from hsmkeys.errors import (
     KMSInternalException,
     NotFoundException,
 )
-from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, Origin, RotationType
+from hsmkeys.models import (
+    KeyManager,
+    KeySpec,
+    KeyState,
+    KeyUsage,
+    KeyVersionRef,
+    Origin,
+    RotationType,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -142,21 +153,74 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE keys ADD COLUMN material_fingerprint TEXT",
         "CREATE INDEX keys_by_valid_to ON keys (valid_to) WHERE valid_to IS NOT NULL",
     ),
+    (
+        # AWS managed keys, and key usage: lifetimes outlive purged keys (key-month billing),
+        # counts are per hour, key ('' for none), operation and caller account.
+        "ALTER TABLE keys ADD COLUMN key_manager TEXT NOT NULL DEFAULT 'CUSTOMER'",
+        """CREATE TABLE key_lifetimes (
+            uuid TEXT PRIMARY KEY NOT NULL,
+            key_manager TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            deleted_at INTEGER,
+            tags TEXT,
+            aliases TEXT
+        )""",
+        "INSERT INTO key_lifetimes (uuid, key_manager, created_at) SELECT uuid, key_manager, created_at FROM keys",
+        """CREATE TABLE usage_counts (
+            hour INTEGER NOT NULL,
+            uuid TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            account TEXT NOT NULL,
+            count INTEGER NOT NULL CHECK (count >= 0),
+            PRIMARY KEY (hour, uuid, operation, account)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE key_last_use (
+            uuid TEXT PRIMARY KEY NOT NULL REFERENCES keys (uuid) ON DELETE CASCADE,
+            operation TEXT NOT NULL,
+            time INTEGER NOT NULL,
+            request_id TEXT NOT NULL
+        )""",
+        """CREATE TABLE usage_tracking (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            started_at INTEGER NOT NULL
+        )""",
+        "INSERT INTO usage_tracking (id, started_at) "
+        "VALUES (1, CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))",
+    ),
+    (
+        # Reliability: AES-GCM encryptions reserved per version (blocks, never given back),
+        # when doctor first saw each orphan object, and the resource each retried
+        # non-idempotent request made (by the SDK's invocation id).
+        "ALTER TABLE key_versions ADD COLUMN encryptions_reserved INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE doctor_sightings (
+            name TEXT PRIMARY KEY NOT NULL,
+            first_seen INTEGER NOT NULL
+        )""",
+        """CREATE TABLE request_results (
+            principal TEXT NOT NULL,
+            invocation_id TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            PRIMARY KEY (principal, invocation_id, operation)
+        )""",
+        "CREATE INDEX request_results_by_age ON request_results (created_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _KEY_COLUMNS = (
     "uuid, spec, usage, origin, state, description, created_at, current_version, "
     "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy, "
-    "valid_to, expiration_model, material_fingerprint"
+    "valid_to, expiration_model, material_fingerprint, key_manager"
 )
 _GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = ?"
-_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 _UPDATE_KEY = (
     "UPDATE keys SET spec = ?, usage = ?, origin = ?, state = ?, description = ?, "
     "created_at = ?, current_version = ?, rotation_period_days = ?, next_rotation_at = ?, "
     "deletion_date = ?, pending_window_days = ?, policy = ?, valid_to = ?, expiration_model = ?, "
-    "material_fingerprint = ? WHERE uuid = ?"
+    "material_fingerprint = ?, key_manager = ? WHERE uuid = ?"
 )
 _MATERIAL_EXPIRED = (
     f"SELECT {_KEY_COLUMNS} FROM keys WHERE valid_to IS NOT NULL AND valid_to <= ? AND state != ? "
@@ -196,6 +260,7 @@ _USAGES = {m.value: m for m in KeyUsage}
 _ORIGINS = {m.value: m for m in Origin}
 _STATES = {m.value: m for m in KeyState}
 _ROTATION_TYPES = {m.value: m for m in RotationType}
+_KEY_MANAGERS = {m.value: m for m in KeyManager}
 
 _ALREADY_EXISTS = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -204,6 +269,10 @@ def _to_us(when: datetime) -> int:
     if when.tzinfo is None:
         raise KMSInternalException("catalog timestamps must be timezone-aware")
     return (when - _EPOCH) // _MICROSECOND
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _to_us_or_none(when: datetime | None) -> int | None:
@@ -236,6 +305,7 @@ def _key_from_row(row: Any, key_uuid: uuid.UUID | None = None) -> KeyRecord:
         valid_to=_from_us_or_none(row[13]),
         expiration_model=row[14],
         material_fingerprint=row[15],
+        key_manager=_KEY_MANAGERS[row[16]],
     )
 
 
@@ -257,6 +327,7 @@ def _key_values(key: KeyRecord) -> tuple[object, ...]:
         _to_us_or_none(key.valid_to),
         key.expiration_model,
         key.material_fingerprint,
+        key.key_manager.value,
     )
 
 
@@ -597,6 +668,11 @@ class SqliteCatalog:
                     exc, exists=f"Key '{key_id}' already exists.", missing=key_id
                 ) from exc
             self._insert_version(first_version)
+            self._conn.execute(
+                "INSERT INTO key_lifetimes (uuid, key_manager, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (uuid) DO NOTHING",
+                (key_id, key.key_manager.value, _to_us(key.created_at)),
+            )
 
     def get_key(self, key_uuid: uuid.UUID) -> KeyRecord | None:
         found: KeyRecord | None = self._cached(key_uuid, lambda: self._load_key(key_uuid))
@@ -617,9 +693,24 @@ class SqliteCatalog:
                 raise NotFoundException(f"Key '{key.key_uuid}' does not exist.")
 
     def delete_key(self, key_uuid: uuid.UUID) -> None:
+        key_id = str(key_uuid)
         with self._write("delete_key"):
-            # ON DELETE CASCADE removes its versions, aliases, tags and grants.
-            self._conn.execute("DELETE FROM keys WHERE uuid = ?", (str(key_uuid),))
+            # Close the key's lifetime (billing) with what it was labelled by, then delete:
+            # ON DELETE CASCADE removes its versions, aliases, tags, grants and last use.
+            row = self._conn.execute(
+                "SELECT coalesce(deletion_date, ?) FROM keys WHERE uuid = ?", (_to_us(_now()), key_id)
+            ).fetchone()
+            if row is not None:
+                self._conn.execute(
+                    "UPDATE key_lifetimes SET deleted_at = ?, tags = ?, aliases = ? WHERE uuid = ?",
+                    (
+                        row[0],
+                        json.dumps(self.get_tags(key_uuid), sort_keys=True),
+                        json.dumps([a.name for a in self.list_aliases(limit=1 << 30, key_uuid=key_uuid)]),
+                        key_id,
+                    ),
+                )
+            self._conn.execute("DELETE FROM keys WHERE uuid = ?", (key_id,))
 
     def list_keys(
         self, *, limit: int, after: uuid.UUID | None = None, exclude_purging: bool = False
@@ -711,6 +802,82 @@ class SqliteCatalog:
     def all_version_refs(self) -> set[KeyVersionRef]:
         rows = self._read("all_version_refs", "SELECT uuid, version FROM key_versions", ())
         return {KeyVersionRef(uuid.UUID(row[0]), row[1]) for row in rows}
+
+    def reserve_encryptions(self, ref: KeyVersionRef, count: int, limit: int) -> int:
+        """Reserve up to ``count`` more encryptions of a version, never past ``limit`` in
+        total; how many were granted (0: the version is spent). One UPDATE; reservations
+        are never returned, so a crash wastes at most the unspent part of a block."""
+        with self._write("reserve_encryptions"):
+            row = self._conn.execute(
+                "SELECT encryptions_reserved FROM key_versions WHERE uuid = ? AND version = ?",
+                (str(ref.key_uuid), ref.version),
+            ).fetchone()
+            if row is None:
+                raise NotFoundException(f"Key version {ref.label} does not exist.")
+            granted = max(0, min(count, limit - int(row[0])))
+            if granted:
+                self._conn.execute(
+                    "UPDATE key_versions SET encryptions_reserved = encryptions_reserved + ? "
+                    "WHERE uuid = ? AND version = ?",
+                    (granted, str(ref.key_uuid), ref.version),
+                )
+            return granted
+
+    def encryptions_reserved(self, ref: KeyVersionRef) -> int:
+        rows = self._read(
+            "encryptions_reserved",
+            "SELECT encryptions_reserved FROM key_versions WHERE uuid = ? AND version = ?",
+            (str(ref.key_uuid), ref.version),
+        )
+        return int(rows[0][0]) if rows else 0
+
+    # ------------------------------------------------------------- doctor
+
+    def record_sightings(self, names: Iterable[str], now: datetime) -> dict[str, datetime]:
+        """When each named orphan was first seen (``now`` for new ones); names no longer
+        given are forgotten. One transaction."""
+        wanted = set(names)
+        with self._write("record_sightings"):
+            stored = {
+                row[0]: _from_us(row[1])
+                for row in self._conn.execute("SELECT name, first_seen FROM doctor_sightings")
+            }
+            gone = [(name,) for name in stored if name not in wanted]
+            self._conn.executemany("DELETE FROM doctor_sightings WHERE name = ?", gone)
+            new = [(name, _to_us(now)) for name in wanted if name not in stored]
+            self._conn.executemany("INSERT INTO doctor_sightings (name, first_seen) VALUES (?, ?)", new)
+        return {name: stored.get(name, now) for name in wanted}
+
+    # ------------------------------------------------------------- request results
+
+    def remember_request(
+        self, principal: str, invocation_id: str, operation: str, resource: str, now: datetime
+    ) -> None:
+        """Record what a request made (inside the caller's transaction, with the effect);
+        rows older than a day are dropped. AlreadyExistsException if already recorded."""
+        with self._write("remember_request"):
+            self._conn.execute(
+                "DELETE FROM request_results WHERE created_at < ?",
+                (_to_us(now - timedelta(days=1)),),
+            )
+            try:
+                self._conn.execute(
+                    "INSERT INTO request_results (principal, invocation_id, operation, resource, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (principal, invocation_id, operation, resource, _to_us(now)),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(exc, exists="The request was already done.", missing="") from exc
+
+    def recall_request(self, principal: str, invocation_id: str, operation: str) -> str | None:
+        """The resource an earlier attempt of this request made, if it committed."""
+        rows = self._read(
+            "recall_request",
+            "SELECT resource FROM request_results WHERE principal = ? AND invocation_id = ? "
+            "AND operation = ?",
+            (principal, invocation_id, operation),
+        )
+        return str(rows[0][0]) if rows else None
 
     # ------------------------------------------------------------- aliases
 
@@ -948,3 +1115,92 @@ class SqliteCatalog:
                     _to_us(checkpoint.time),
                 ),
             )
+
+    # ------------------------------------------------------------- key usage
+
+    def add_usage(self, counts: Iterable[UsageCount], last_uses: Mapping[uuid.UUID, KeyLastUse]) -> None:
+        """Add counts and keep each key's newer last use, in one transaction.
+
+        The usage tables are never cached, so the commit does not bump the generation
+        (a flush every few seconds must not empty every process's read cache).
+        """
+        count_rows = [
+            (_to_us(c.hour), "" if c.key_uuid is None else str(c.key_uuid), c.operation, c.account, c.count)
+            for c in counts
+        ]
+        use_rows = [(str(k), u.operation, _to_us(u.time), u.request_id) for k, u in last_uses.items()]
+        if not (count_rows or use_rows):
+            return
+        with self._lock:
+            if self._depth:  # inside a caller's transaction: join it
+                self._add_usage(count_rows, use_rows)
+                return
+            self._run("begin", "BEGIN IMMEDIATE")
+            try:
+                self._add_usage(count_rows, use_rows)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._undo(0, "")
+                raise _internal("add_usage", exc) from exc
+            except BaseException:
+                self._undo(0, "")
+                raise
+
+    def _add_usage(self, count_rows: Sequence[tuple[object, ...]], use_rows: Sequence[tuple[object, ...]]) -> None:
+        self._conn.executemany(
+            "INSERT INTO usage_counts (hour, uuid, operation, account, count) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (hour, uuid, operation, account) DO UPDATE SET count = count + excluded.count",
+            count_rows,
+        )
+        # Only keys that still exist (a purged key has no last use); the newer use wins.
+        self._conn.executemany(
+            "INSERT INTO key_last_use (uuid, operation, time, request_id) "
+            "SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM keys WHERE uuid = ?1) "
+            "ON CONFLICT (uuid) DO UPDATE SET operation = excluded.operation, time = excluded.time, "
+            "request_id = excluded.request_id WHERE excluded.time >= key_last_use.time",
+            use_rows,
+        )
+
+    def get_key_last_use(self, key_uuid: uuid.UUID) -> KeyLastUse | None:
+        rows = self._read(
+            "get_key_last_use",
+            "SELECT operation, time, request_id FROM key_last_use WHERE uuid = ?",
+            (str(key_uuid),),
+        )
+        return KeyLastUse(rows[0][0], _from_us(rows[0][1]), rows[0][2]) if rows else None
+
+    def usage_tracking_start(self) -> datetime:
+        rows = self._read("usage_tracking_start", "SELECT started_at FROM usage_tracking WHERE id = 1", ())
+        return _from_us(rows[0][0])
+
+    def list_usage(self, since: datetime, until: datetime) -> list[UsageCount]:
+        rows = self._read(
+            "list_usage",
+            "SELECT hour, uuid, operation, account, count FROM usage_counts "
+            "WHERE hour >= ? AND hour < ? ORDER BY hour, uuid, operation, account",
+            (_to_us(since), _to_us(until)),
+        )
+        return [
+            UsageCount(uuid.UUID(r[1]) if r[1] else None, r[2], r[3], _from_us(r[0]), r[4]) for r in rows
+        ]
+
+    def list_key_lifetimes(self, since: datetime, until: datetime) -> list[KeyLifetime]:
+        rows = self._read(
+            "list_key_lifetimes",
+            "SELECT uuid, key_manager, created_at, deleted_at, tags, aliases FROM key_lifetimes "
+            "WHERE created_at < ? AND (deleted_at IS NULL OR deleted_at > ?) ORDER BY uuid",
+            (_to_us(until), _to_us(since)),
+        )
+        found = []
+        for r in rows:
+            key_uuid = uuid.UUID(r[0])
+            if r[3] is None:  # a live key: its current labels
+                tags = self.get_tags(key_uuid)
+                aliases = tuple(a.name for a in self.list_aliases(limit=1 << 30, key_uuid=key_uuid))
+            else:
+                tags = json.loads(r[4]) if r[4] else {}
+                aliases = tuple(json.loads(r[5])) if r[5] else ()
+            found.append(
+                KeyLifetime(key_uuid, _KEY_MANAGERS[r[1]], _from_us(r[2]), _from_us_or_none(r[3]), tags, aliases)
+            )
+        return found

@@ -231,6 +231,11 @@ class Hsm(Protocol):
         """Destroy the wrapping pair of ``ref``; none left is not an error."""
         ...
 
+    def list_wrapping_refs(self) -> set[KeyVersionRef]:
+        """Every ref with at least one wrapping object (``hsmkeys-import/`` label) in the
+        token: pairs whose import finished destroy theirs, so these are unused or leftover."""
+        ...
+
     def import_key(
         self,
         ref: KeyVersionRef,

@@ -288,6 +288,11 @@ class MemoryHsm:
         with self._lock:
             self._wrapping.pop(ref, None)
 
+    def list_wrapping_refs(self) -> set[KeyVersionRef]:
+        self._check_open()
+        with self._lock:
+            return set(self._wrapping)
+
     def import_key(
         self,
         ref: KeyVersionRef,

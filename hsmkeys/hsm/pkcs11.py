@@ -88,6 +88,7 @@ from hsmkeys.hsm.base import (
     SYMMETRIC_IMPORT_BYTES,
     WRAPPING_ALGORITHMS,
     WRAPPING_KEY_BITS,
+    WRAPPING_LABEL_PREFIX,
     HsmStatus,
     check_import_algorithm,
     check_secret_length,
@@ -961,6 +962,25 @@ class Pkcs11Hsm:
 
         if self._call(f"destroy {wrapping_label(ref)}", run, retry=False):
             log.info("hsm_wrapping_key_destroyed label=%s", wrapping_label(ref))
+
+    def list_wrapping_refs(self) -> set[KeyVersionRef]:
+        def run() -> set[KeyVersionRef]:
+            found: set[KeyVersionRef] = set()
+            for obj in self._live_session().get_objects():
+                if obj.object_class not in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                    continue
+                attrs = obj.get_attributes([Attribute.ID, Attribute.LABEL])
+                object_id, label = attrs.get(Attribute.ID), attrs.get(Attribute.LABEL)
+                if not isinstance(label, str) or not label.startswith(WRAPPING_LABEL_PREFIX):
+                    continue
+                if not isinstance(object_id, bytes) or not object_id.startswith(b"import"):
+                    continue
+                inner = _ref_of(object_id[len(b"import") :], LABEL_PREFIX + label[len(WRAPPING_LABEL_PREFIX) :])
+                if inner is not None and wrapping_object_id(inner) == object_id:
+                    found.add(inner)
+            return found
+
+        return self._call("list wrapping keys", run, retry=True)
 
     def _wrapping_private(self, ref: KeyVersionRef) -> UnwrapMixin:
         key = self._cache.wrapping.get(ref)

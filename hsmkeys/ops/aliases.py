@@ -21,6 +21,7 @@ from hsmkeys.errors import (
 )
 from hsmkeys.models import AliasListEntry, ListAliasesResult
 from hsmkeys.ops.common import MAX_ALIASES_PER_KEY, key_type, page_limit
+from hsmkeys.ops.managed import PREDEFINED_ALIASES, refuse_alias_name
 from hsmkeys.validation import check_str
 
 if TYPE_CHECKING:
@@ -30,13 +31,17 @@ if TYPE_CHECKING:
 ALIAS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-")
 
 
-def check_alias_name(alias_name: object) -> str:
+def check_alias_name(alias_name: object, call: Call | None = None) -> str:
+    """A valid alias name. ``alias/aws/*`` (AWS managed keys' names): with ``call``
+    (UpdateAlias, DeleteAlias) AccessDeniedException, else InvalidAliasNameException."""
     name = check_str("aliasName", alias_name, min_len=1, max_len=256)
     if not name.startswith("alias/") or len(name) == 6 or not set(name) <= ALIAS_CHARS:
         raise ValidationException(
             "1 validation error detected: Value at 'aliasName' failed to satisfy constraint: "
             "Member must satisfy regular expression pattern: ^alias/[a-zA-Z0-9/_-]+$"
         )
+    if call is not None:
+        refuse_alias_name(call, name)
     if name.startswith("alias/aws/"):
         raise InvalidAliasNameException("Alias names starting with alias/aws/ are reserved.")
     return name
@@ -68,7 +73,7 @@ def create_alias(ks: KeyStore, call: Call, *, alias_name: str, target_key_id: st
 
 
 def update_alias(ks: KeyStore, call: Call, *, alias_name: str, target_key_id: str) -> None:
-    name = check_alias_name(alias_name)
+    name = check_alias_name(alias_name, call)
     with ks._catalog.transaction():
         alias = ks._catalog.get_alias(name)
         if alias is None:
@@ -85,7 +90,7 @@ def update_alias(ks: KeyStore, call: Call, *, alias_name: str, target_key_id: st
 
 
 def delete_alias(ks: KeyStore, call: Call, *, alias_name: str) -> None:
-    name = check_alias_name(alias_name)
+    name = check_alias_name(alias_name, call)
     with ks._catalog.transaction():
         alias = ks._catalog.get_alias(name)
         if alias is None:
@@ -113,8 +118,7 @@ def list_aliases(
             raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
         key_uuid = ks._lookup(text).key_uuid
     rows = ks._catalog.list_aliases(limit=size + 1, after=marker, key_uuid=key_uuid)
-    page, truncated = rows[:size], len(rows) > size
-    entries = tuple(
+    entries = [
         AliasListEntry(
             alias_name=a.name,
             alias_arn=ks._scope.alias_arn(a.name),
@@ -122,6 +126,16 @@ def list_aliases(
             creation_date=a.created_at,
             last_updated_date=a.updated_at,
         )
-        for a in page
-    )
-    return ListAliasesResult(entries, truncated, page[-1].name if truncated else None)
+        for a in rows
+    ]
+    if key_uuid is None:
+        # AWS lists the predefined AWS managed key aliases without a target until first use.
+        taken = {a.name for a in rows}
+        entries += [
+            AliasListEntry(alias_name=name, alias_arn=ks._scope.alias_arn(name))
+            for name in PREDEFINED_ALIASES
+            if name not in taken and (marker is None or name > marker) and ks._catalog.get_alias(name) is None
+        ]
+        entries.sort(key=lambda e: e.alias_name)
+    page, truncated = entries[:size], len(entries) > size
+    return ListAliasesResult(tuple(page), truncated, page[-1].alias_name if truncated else None)

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from hsmkeys import faultpoints
 from hsmkeys.authz import GRANT_OPERATIONS
 from hsmkeys.catalog.base import GrantRecord, KeyRecord
 from hsmkeys.errors import (
@@ -239,6 +240,11 @@ def create_grant(
         _check_delegation(ks, call, key, grant)
         if dry_run:
             raise dry_run_error(call.op.name)
+        earlier_id = ks._recall(call)
+        earlier = ks._catalog.get_grant(key.key_uuid, earlier_id) if earlier_id is not None else None
+        if earlier is not None:  # a retry of a request whose first attempt committed
+            call.used(ks._arn(key.key_uuid), None)
+            return CreateGrantResult(earlier.token, earlier.grant_id)
         if name is not None:
             for existing in ks._catalog.find_grant_by_name(key.key_uuid, name):
                 if _same(existing, grant):
@@ -260,6 +266,8 @@ def create_grant(
                 encryption_context_subset=grant.encryption_context_subset,
             )
         )
+        ks._remember(call, grant.grant_id)
+    faultpoints.reached("create_grant.committed")
     call.used(ks._arn(key.key_uuid), None)
     return CreateGrantResult(token, grant.grant_id)
 

@@ -27,6 +27,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from hsmkeys import faultpoints
 from hsmkeys.catalog.base import KeyRecord
 from hsmkeys.errors import (
     AlreadyExistsException,
@@ -204,6 +205,7 @@ def import_key_material(
         raise
     if has_material:
         ks._hsm.destroy_key(target)  # the scratch copy served only the comparison
+    faultpoints.reached("import.hsm_done")
     with ks._catalog.transaction():
         fresh = ks._catalog.get_key(key.key_uuid)
         if fresh is None or fresh.state is KeyState.PURGING:
@@ -212,6 +214,7 @@ def import_key_material(
         ks._catalog.update_key(
             replace(fresh, state=state, valid_to=expires, expiration_model=model, material_fingerprint=fingerprint)
         )
+    faultpoints.reached("import.committed")
     ks._hsm.destroy_wrapping_key(wrapping)  # one import per set of parameters
     call.used(ks._arn(key.key_uuid), key.current_version)
     return ImportKeyMaterialResult(ks._arn(key.key_uuid))

@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from hsmkeys import keyspecs
+from hsmkeys import faultpoints, keyspecs
 from hsmkeys.catalog.base import KeyRecord, VersionRecord
 from hsmkeys.errors import (
     KMSInvalidStateException,
@@ -76,6 +76,12 @@ def create_key(
         raise UnsupportedOperationException("Custom key stores are not supported")
     if multi_region:
         raise UnsupportedOperationException("Multi-Region keys are not supported")
+    earlier = ks._recall(call)
+    if earlier is not None:  # a retry of a request whose first attempt committed
+        made = ks._catalog.get_key(uuid.UUID(earlier))
+        if made is not None:
+            call.used(ks._arn(made.key_uuid), 1)
+            return CreateKeyResult(ks._metadata(made))
     key_uuid = uuid.uuid4()
     if policy is not None:
         policy_doc = check_policy(policy)
@@ -102,10 +108,13 @@ def create_key(
     first = VersionRecord(key.key_uuid, 1, now)
     if key_origin is not Origin.EXTERNAL:
         ks._hsm.create_key(first.ref, spec, usage)  # HSM first: a crash leaves an orphan, never a dangling row
+        faultpoints.reached("create_key.hsm_done")
     with ks._catalog.transaction():
         ks._catalog.insert_key(key, first)
         if tags_to_set:
             ks._catalog.put_tags(key.key_uuid, tags_to_set)
+        ks._remember(call, str(key.key_uuid))
+    faultpoints.reached("create_key.committed")
     call.used(ks._arn(key.key_uuid), 1)
     return CreateKeyResult(ks._metadata(key))
 
@@ -167,11 +176,22 @@ def schedule_key_deletion(
         )
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
+        if (
+            key.state is KeyState.PENDING_DELETION
+            and key.deletion_date is not None
+            and ks._recall(call) == str(key.key_uuid)
+        ):  # a retry of a request whose first attempt committed
+            call.used(ks._arn(key.key_uuid), key.current_version)
+            return ScheduleKeyDeletionResult(
+                ks._arn(key.key_uuid), key.deletion_date, KeyState.PENDING_DELETION, key.pending_window_days or days
+            )
         ks._require_not_pending_deletion(key)
         when = ks._now() + timedelta(days=days)
         ks._catalog.update_key(
             replace(key, state=KeyState.PENDING_DELETION, deletion_date=when, pending_window_days=days)
         )
+        ks._remember(call, str(key.key_uuid))
+    faultpoints.reached("schedule_key_deletion.committed")
     call.used(ks._arn(key.key_uuid), key.current_version)
     return ScheduleKeyDeletionResult(ks._arn(key.key_uuid), when, KeyState.PENDING_DELETION, days)
 

@@ -7,9 +7,14 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from hsmkeys import keyspecs
+from hsmkeys import faultpoints, keyspecs
 from hsmkeys.catalog.base import KeyRecord, VersionRecord
-from hsmkeys.errors import InvalidMarkerException, LimitExceededException, NotFoundException
+from hsmkeys.errors import (
+    AlreadyExistsException,
+    InvalidMarkerException,
+    LimitExceededException,
+    NotFoundException,
+)
 from hsmkeys.models import (
     GetKeyRotationStatusResult,
     KeyState,
@@ -78,18 +83,34 @@ def rotate_key_on_demand(ks: KeyStore, call: Call, *, key_id: str) -> RotateKeyO
     return RotateKeyOnDemandResult(ks._arn(key.key_uuid))
 
 
-def rotate(ks: KeyStore, call: Call | None, key: KeyRecord, rotation_type: RotationType) -> KeyRecord | None:
+def rotate(
+    ks: KeyStore,
+    call: Call | None,
+    key: KeyRecord,
+    rotation_type: RotationType,
+    *,
+    retiring: int | None = None,
+) -> KeyRecord | None:
     """Add version n+1 and make it current; the older versions stay for decryption.
 
     The key's state is checked again under the write lock. An automatic rotation that
     is no longer due then (another maintainer did it, or the key changed) returns None
-    and changes nothing.
+    and changes nothing. ``retiring``: rotate because that version spent its AES-GCM
+    budget (due or not), unless it is no longer current (None: someone did already).
+
+    The HSM object is made under the write lock, so an object already carrying the
+    new version's label is a leftover of a rotation that crashed before its commit
+    (never used: it was never current); it is replaced.
     """
     with ks._catalog.transaction():
         fresh = ks._catalog.get_key(key.key_uuid)
         if fresh is None or fresh.state is KeyState.PURGING:
             raise NotFoundException(f"Key '{ks._arn(key.key_uuid)}' does not exist")
-        if rotation_type is RotationType.AUTOMATIC and not rotation_due(fresh, ks._now()):
+        if retiring is not None:
+            if fresh.current_version != retiring:
+                return None
+            ks._require_enabled(fresh)
+        elif rotation_type is RotationType.AUTOMATIC and not rotation_due(fresh, ks._now()):
             return None
         if rotation_type is RotationType.ON_DEMAND:
             ks._require_enabled(fresh)  # it may have changed since the caller looked
@@ -98,12 +119,18 @@ def rotate(ks: KeyStore, call: Call | None, key: KeyRecord, rotation_type: Rotat
                 raise LimitExceededException(f"A key may be rotated on demand at most {MAX_ON_DEMAND_ROTATIONS} times.")
         now = ks._now()
         version = VersionRecord(key.key_uuid, fresh.current_version + 1, now, rotation_type)
-        ks._hsm.create_key(version.ref, fresh.spec, fresh.usage)
+        try:
+            ks._hsm.create_key(version.ref, fresh.spec, fresh.usage)
+        except AlreadyExistsException:
+            ks._hsm.destroy_key(version.ref)
+            ks._hsm.create_key(version.ref, fresh.spec, fresh.usage)
+        faultpoints.reached("rotate.hsm_done")
         ks._catalog.add_version(version)
         updated = replace(fresh, current_version=version.version)
-        if rotation_type is RotationType.AUTOMATIC and fresh.rotation_period_days is not None:
+        if rotation_type is RotationType.AUTOMATIC and fresh.rotation_period_days is not None and retiring is None:
             updated = replace(updated, next_rotation_at=now + timedelta(days=fresh.rotation_period_days))
             ks._catalog.update_key(updated)
+    faultpoints.reached("rotate.committed")
     if call is not None:
         call.used(ks._arn(updated.key_uuid), version.version)
     return updated

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hsmkeys.errors import KMSError
+from hsmkeys.errors import KMSError, UnsupportedOperationException
 from hsmkeys.kmsclient import KmsApi
 from hsmkeys.provision.keymaterial import KeyMaterial, wrap_key_material
 from hsmkeys.provision.plan import THIS_KEY, Call, Change, Plan
@@ -56,16 +56,24 @@ def apply_plan(
 
 
 def import_key_material(api: KmsApi, key_id: str, material: KeyMaterial) -> None:
-    """GetParametersForImport, wrap ``material`` locally, ImportKeyMaterial (no expiry)."""
-    parameters: dict[str, Any] = api.call(
-        "GetParametersForImport",
-        {
-            "KeyId": key_id,
-            "WrappingAlgorithm": material.wrapping_algorithm,
-            "WrappingKeySpec": WRAPPING_KEY_SPEC,
-        },
-    )
-    wrapped = wrap_key_material(material, parameters["PublicKey"])
+    """GetParametersForImport, wrap ``material`` locally, ImportKeyMaterial (no expiry).
+
+    The strongest wrapping algorithm the server's HSM accepts is used: an HSM that cannot
+    unwrap one answers UnsupportedOperationException and the next is asked for.
+    """
+    parameters: dict[str, Any] | None = None
+    for algorithm in material.wrapping_algorithms:
+        try:
+            parameters = api.call(
+                "GetParametersForImport",
+                {"KeyId": key_id, "WrappingAlgorithm": algorithm, "WrappingKeySpec": WRAPPING_KEY_SPEC},
+            )
+        except UnsupportedOperationException:
+            continue
+        break
+    if parameters is None:
+        raise UnsupportedOperationException("the server's HSM accepts none of the wrapping algorithms")
+    wrapped = wrap_key_material(material, parameters["PublicKey"], algorithm)
     api.call(
         "ImportKeyMaterial",
         {

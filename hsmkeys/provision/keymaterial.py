@@ -1,6 +1,6 @@
 """Key material for imported (origin EXTERNAL) keys: read and check it, wrap it for import.
 
-Symmetric and HMAC keys are raw bytes, wrapped with RSAES_OAEP_SHA_256. RSA and ECC
+Symmetric and HMAC keys are raw bytes, wrapped with RSAES_OAEP_SHA_256 (SHA-1 where the HSM lacks it). RSA and ECC
 private keys are PKCS#8 (PEM or DER), wrapped with RSA_AES_KEY_WRAP_SHA_256: a fresh
 AES-256 key wrapped by RSA-OAEP-SHA-256, followed by the PKCS#8 DER wrapped under it
 with AES key wrap with padding (RFC 5649), as AWS KMS documents.
@@ -36,7 +36,6 @@ _CURVES = {
     "ECC_NIST_P521": "secp521r1",
     "ECC_SECG_P256K1": "secp256k1",
 }
-_OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +46,12 @@ class KeyMaterial:
     is_private_key: bool
 
     @property
-    def wrapping_algorithm(self) -> str:
-        return "RSA_AES_KEY_WRAP_SHA_256" if self.is_private_key else "RSAES_OAEP_SHA_256"
+    def wrapping_algorithms(self) -> tuple[str, ...]:
+        """Preferred first: SHA-256 (AWS's advice); SHA-1 for HSMs whose C_UnwrapKey lacks
+        SHA-256 OAEP (SoftHSM2), which the server refuses up front."""
+        if self.is_private_key:
+            return ("RSA_AES_KEY_WRAP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1")
+        return ("RSAES_OAEP_SHA_256", "RSA_AES_KEY_WRAP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1")
 
 
 def load_key_material(path: Path, spec: str) -> KeyMaterial:
@@ -84,13 +87,15 @@ def load_key_material(path: Path, spec: str) -> KeyMaterial:
     return KeyMaterial(der, is_private_key=True)
 
 
-def wrap_key_material(material: KeyMaterial, wrapping_public_key_der: bytes) -> bytes:
-    """``material`` encrypted for ImportKeyMaterial under the public key GetParametersForImport
-    returned (DER SubjectPublicKeyInfo), by ``material.wrapping_algorithm``."""
+def wrap_key_material(material: KeyMaterial, wrapping_public_key_der: bytes, algorithm: str) -> bytes:
+    """``material`` encrypted for ImportKeyMaterial by ``algorithm`` under the public key
+    GetParametersForImport returned (DER SubjectPublicKeyInfo)."""
     public_key = serialization.load_der_public_key(wrapping_public_key_der)
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise ValueError("the wrapping key from GetParametersForImport is not an RSA public key")
-    if not material.is_private_key:
-        return public_key.encrypt(material.data, _OAEP_SHA256)
+    digest = hashes.SHA256() if algorithm.endswith("SHA_256") else hashes.SHA1()
+    oaep = padding.OAEP(mgf=padding.MGF1(digest), algorithm=digest, label=None)
+    if algorithm.startswith("RSAES_OAEP"):
+        return public_key.encrypt(material.data, oaep)
     aes_key = os.urandom(32)
-    return public_key.encrypt(aes_key, _OAEP_SHA256) + aes_key_wrap_with_padding(aes_key, material.data)
+    return public_key.encrypt(aes_key, oaep) + aes_key_wrap_with_padding(aes_key, material.data)

@@ -123,6 +123,7 @@ log = logging.getLogger("hsmkeys.server")
 
 #: How long in-flight requests may run after SIGTERM before they are cancelled.
 GRACEFUL_SHUTDOWN_S = 30.0
+USAGE_FLUSH_SECONDS = 5.0  # key usage counters: memory -> catalog (KeyStore.close flushes the rest)
 _TLS_CLOSE_WAIT_S = 1.0  # at shutdown, for a client's close_notify (see _run_until_stopped)
 _WORKER_STOP_EXTRA_S = 10.0  # beyond the grace period, before a worker is killed
 _MAX_RESTARTS = 5
@@ -459,6 +460,17 @@ async def _maintenance_loop(keystore: KeyStore, interval: float, lock: _Maintena
         await asyncio.sleep(interval)
 
 
+async def _usage_flush_loop(keystore: KeyStore, interval: float) -> None:
+    """Add the in-memory key usage counts to the catalog every ``interval`` seconds
+    (the last ones are flushed by ``KeyStore.close`` at shutdown)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            keystore.flush_usage()  # one short transaction; the counts stay in memory on failure
+        except Exception as exc:  # keep serving; the next interval retries
+            log.error("event=usage_flush_failed error=%s", type(exc).__name__)
+
+
 def _serve(
     settings: Settings,
     sock: socket.socket,
@@ -487,6 +499,7 @@ def _serve(
                 functools.partial(
                     _maintenance_loop, keystore, settings.maintenance_interval_seconds, lock
                 ),
+                functools.partial(_usage_flush_loop, keystore, USAGE_FLUSH_SECONDS),
             ),
             on_shutdown=close,
         )

@@ -7,7 +7,14 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from hsmkeys.catalog.base import AliasRecord, AuditCheckpoint, Catalog, GrantRecord, KeyRecord, VersionRecord
+from hsmkeys.catalog.base import (
+    AliasRecord,
+    AuditCheckpoint,
+    Catalog,
+    GrantRecord,
+    KeyRecord,
+    VersionRecord,
+)
 from hsmkeys.models import KeySpec, KeyState, KeyUsage, Origin
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)

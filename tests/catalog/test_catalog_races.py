@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from conftest import OpenCatalog
@@ -60,7 +61,7 @@ def test_two_rotations_from_a_stale_read_have_one_winner(open_catalog: OpenCatal
             c.add_version(VersionRecord(k.key_uuid, k.current_version + 1, T0, RotationType.ON_DEMAND))
             return k.current_version + 1
 
-        results = race(lambda: rotate(a, seen[0]), lambda: rotate(b, seen[1]))
+        results = race(partial(rotate, a, seen[0]), partial(rotate, b, seen[1]))
         assert sorted(type(r).__name__ for r in results) == ["AlreadyExistsException", "int"]
         assert [v.version for v in a.list_versions(key.key_uuid)] == [1, 2]
         assert fresh(a, key).current_version == 2
@@ -94,7 +95,7 @@ def test_read_modify_write_in_transactions_loses_no_update(open_catalog: OpenCat
                 time.sleep(0.002)
                 c.update_key(dataclasses.replace(k, description=str(int(k.description) + 1)))
 
-    assert race(*(lambda c=c: increment(c) for c in catalogs)) == [None, None]
+    assert race(*(partial(increment, c) for c in catalogs)) == [None, None]
     assert fresh(catalogs[1], key).description == str(rounds * len(catalogs))
 
 

@@ -374,3 +374,22 @@ def test_init_create_token_refuses_a_module_that_is_not_softhsm(
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "serve" in capsys.readouterr().out
+
+
+def test_keys_import_puts_known_material_into_an_external_key(cli: RunCli, store: KeyStore, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from hsmkeys import ciphertext
+
+    created = cli("--json", "keys", "create", "--origin", "EXTERNAL")
+    key_id = json.loads(created.out)["KeyMetadata"]["KeyId"]
+    assert json.loads(created.out)["KeyMetadata"]["KeyState"] == "PendingImport"
+    material = tmp_path / "key.bin"
+    material.write_bytes(bytes(range(32)))
+    imported = cli("keys", "import", key_id, "--material-file", str(material))
+    assert imported.code == 0 and "Enabled" in imported.text
+    blob = ciphertext.unpack(store.encrypt(key_id=key_id, plaintext=b"kat").ciphertext_blob)
+    assert AESGCM(bytes(range(32))).decrypt(blob.iv, blob.body, blob.header + ciphertext.canonical_context({})) == b"kat"
+    material.write_bytes(b"short")
+    refused = cli("keys", "import", key_id, "--material-file", str(material))
+    assert refused.code != 0 and "32 raw bytes" in refused.err and "Traceback" not in refused.err

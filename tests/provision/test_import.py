@@ -33,8 +33,9 @@ def test_symmetric_material_is_wrapped_with_rsa_oaep_sha256(tmp_path: Path, wrap
     secret = os.urandom(32)
     (tmp_path / "k").write_bytes(secret)
     material = load_key_material(tmp_path / "k", "SYMMETRIC_DEFAULT")
-    assert material.wrapping_algorithm == "RSAES_OAEP_SHA_256"
-    assert wrapping_key.decrypt(wrap_key_material(material, _spki(wrapping_key)), OAEP) == secret
+    assert material.wrapping_algorithms[0] == "RSAES_OAEP_SHA_256"
+    wrapped = wrap_key_material(material, _spki(wrapping_key), "RSAES_OAEP_SHA_256")
+    assert wrapping_key.decrypt(wrapped, OAEP) == secret
     assert secret.hex() not in repr(material)
 
 
@@ -43,8 +44,8 @@ def test_private_key_is_wrapped_with_rsa_aes_key_wrap(tmp_path: Path, wrapping_k
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     (tmp_path / "k.pem").write_bytes(pem)
     material = load_key_material(tmp_path / "k.pem", "ECC_NIST_P256")
-    assert material.wrapping_algorithm == "RSA_AES_KEY_WRAP_SHA_256"
-    wrapped = wrap_key_material(material, _spki(wrapping_key))
+    assert material.wrapping_algorithms == ("RSA_AES_KEY_WRAP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1")
+    wrapped = wrap_key_material(material, _spki(wrapping_key), "RSA_AES_KEY_WRAP_SHA_256")
     aes_key = wrapping_key.decrypt(wrapped[:256], OAEP)
     der = aes_key_unwrap_with_padding(aes_key, wrapped[256:])
     assert der == private.private_bytes(

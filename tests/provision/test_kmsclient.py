@@ -98,6 +98,35 @@ keys:
     assert client.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["Description"] == "over HTTP"
 
 
+@pytest.mark.server
+def test_apply_imports_known_material_through_a_softhsm_server(
+    hsmkeys_kms: EphemeralKms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SoftHSM2 cannot unwrap SHA-256 OAEP: apply falls back to the SHA-1 wrapping and the
+    server's key then holds exactly the known material (an HMAC known answer)."""
+    import hashlib
+    import hmac
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", hsmkeys_kms.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", hsmkeys_kms.secret_access_key)
+    suffix = uuid.uuid4().hex[:8]
+    secret = bytes(range(48))
+    (tmp_path / "mac.key").write_bytes(secret)
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n  - alias: alias/imported-{suffix}\n    origin: EXTERNAL\n    key_spec: HMAC_384\n"
+        f"    key_material_file: mac.key\n",
+        encoding="utf-8",
+    )
+    args = [str(path), "--endpoint", hsmkeys_kms.url, "--region", hsmkeys_kms.region]
+    assert provision_main(["apply", *args, "--yes"]) == 0
+    assert provision_main(["plan", *args]) == 0
+    tag = hsmkeys_kms.client().generate_mac(
+        KeyId=f"alias/imported-{suffix}", Message=b"known", MacAlgorithm="HMAC_SHA_384"
+    )["Mac"]
+    assert tag == hmac.new(secret, b"known", hashlib.sha384).digest()
+
+
 def test_hsmkeys_provision_subcommand_runs_the_same_code(
     store: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -174,3 +174,20 @@ def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly() -> None:
         assert not store.exists(), "the ephemeral store was not removed"
     finally:
         server.stop()
+
+
+def test_every_served_operation_of_the_model_is_audited_by_name(kms_server: ServerProcess) -> None:
+    """One request per operation the server serves (most of them refused for their empty
+    body): each gets exactly one outcome line, named by its KMS operation."""
+    from hsmkeys.operations import OPERATIONS
+
+    sent: dict[str, str] = {}
+    for name in sorted(OPERATIONS):
+        response = kms_call(kms_server, name, {})
+        assert response.status < 500, (name, response.status)
+        sent[response.headers["x-amzn-requestid"]] = name
+    lines = _wait_for_request_ids(kms_server, set(sent))
+    for request_id, name in sent.items():
+        done = [x for x in lines if x.get("request_id") == request_id and x.get("phase") == "done"]
+        assert len(done) == 1 and done[0]["operation"] == name, (name, done)
+        assert done[0]["principal"] == ADMIN_ARN

@@ -147,6 +147,32 @@ def test_a_trusted_library_caller_needs_no_policy(store: KeyStore) -> None:
     assert store.decrypt(ciphertext_blob=blob).plaintext == b"x"
 
 
+def test_a_remembered_allow_ends_with_the_policy_or_context_that_made_it(store: KeyStore) -> None:
+    app_statement = {"Sid": "App", "Effect": "Allow", "Principal": {"AWS": APP}, "Action": "kms:Encrypt",
+                     "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:t": "a"}}}
+    arn = _key(store, _policy(app_statement))
+    with as_caller(store, APP):
+        for _ in range(3):  # allowed again and again (memoised after the first)
+            store.encrypt(key_id=arn, plaintext=b"x", encryption_context={"t": "a"})
+        with pytest.raises(AccessDeniedException):
+            store.encrypt(key_id=arn, plaintext=b"x", encryption_context={"t": "b"})
+    with as_caller(store, ADMIN):
+        store.put_key_policy(key_id=arn, policy=_policy())
+    with as_caller(store, APP), pytest.raises(AccessDeniedException):
+        store.encrypt(key_id=arn, plaintext=b"x", encryption_context={"t": "a"})
+
+
+def test_time_conditions_are_decided_at_every_call(store: KeyStore) -> None:
+    until = "2026-01-02T00:00:00Z"
+    arn = _key(store, _policy({"Sid": "App", "Effect": "Allow", "Principal": {"AWS": APP}, "Action": "kms:Encrypt",
+                               "Resource": "*", "Condition": {"DateLessThan": {"aws:CurrentTime": until}}}))
+    with as_caller(store, APP):
+        store.encrypt(key_id=arn, plaintext=b"x")
+        store._clock.advance(days=2)  # type: ignore[attr-defined]
+        with pytest.raises(AccessDeniedException):
+            store.encrypt(key_id=arn, plaintext=b"x")
+
+
 # ------------------------------------------------------------------ conditions
 
 
@@ -402,6 +428,10 @@ def _request_for(name: str, keys: dict[str, Any], blob: bytes, grant_id: str) ->
         "CreateKey": {},
         "Decrypt": {"ciphertext_blob": blob},
         "DeleteAlias": {"alias_name": "alias/existing"},
+        "DeleteImportedKeyMaterial": {"key_id": sym},
+        "GetParametersForImport": {"key_id": sym, "wrapping_algorithm": "RSAES_OAEP_SHA_1",
+                                   "wrapping_key_spec": "RSA_2048"},
+        "ImportKeyMaterial": {"key_id": sym, "import_token": b"t" * 90, "encrypted_key_material": b"m" * 256},
         "DeriveSharedSecret": {"key_id": ecdh, "key_agreement_algorithm": "ECDH", "public_key": keys["peer"]},
         "DescribeKey": {"key_id": sym},
         "DisableKey": {"key_id": sym},
@@ -415,6 +445,7 @@ def _request_for(name: str, keys: dict[str, Any], blob: bytes, grant_id: str) ->
         "GenerateDataKeyWithoutPlaintext": {"key_id": sym, "key_spec": "AES_256"},
         "GenerateMac": {"key_id": mac, "message": b"m", "mac_algorithm": "HMAC_SHA_256"},
         "GenerateRandom": {"number_of_bytes": 8},
+        "GetKeyLastUsage": {"key_id": sym},
         "GetKeyPolicy": {"key_id": sym},
         "GetKeyRotationStatus": {"key_id": sym},
         "GetPublicKey": {"key_id": sign},

@@ -52,7 +52,7 @@ def test_description_over_8192_chars_is_validation_error(store: KeyStore) -> Non
         ({"key_usage": "SIGN_VERIFY"}, ValidationException),
         ({"key_spec": "HMAC_256", "key_usage": "ENCRYPT_DECRYPT"}, ValidationException),
         ({"key_spec": "RSA_2048", "customer_master_key_spec": "RSA_3072"}, ValidationException),
-        ({"origin": "EXTERNAL"}, UnsupportedOperationException),
+        ({"origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
         ({"multi_region": True}, UnsupportedOperationException),
         ({"custom_key_store_id": "cks-1"}, UnsupportedOperationException),
         ({"policy": "{not json"}, MalformedPolicyDocumentException),

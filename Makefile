@@ -11,7 +11,7 @@ CONFIG ?= hsmkeys.yaml
 HOST ?= 127.0.0.1
 PORT ?= 7300
 
-.PHONY: install install-test system-deps run init test lint unit bench clean
+.PHONY: install install-test system-deps run init test soak lint unit bench clean
 
 # apt packages only when the tools are missing; the venv only when pyproject.toml changed.
 # `make run` needs only the runtime dependencies; lint and test add the [test] extra.
@@ -67,6 +67,12 @@ lint: install-test
 test: lint
 	@env -u SOFTHSM2_CONF $(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# Long reliability runs (tests marked soak): 200 crash runs, 120 s of concurrency, 150 fuzz
+# examples per operation. Override with HSMKEYS_CRASH_RUNS, HSMKEYS_CONCURRENCY_SECONDS,
+# HSMKEYS_FUZZ_EXAMPLES.
+soak: install-test
+	env -u SOFTHSM2_CONF HSMKEYS_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider -m soak tests/reliability
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -1379,6 +1380,77 @@ def _cmd_provision(cli: _Cli) -> int:
 # ==================================================================== parser
 
 
+def _money(value: Decimal) -> str:
+    return str(value.quantize(Decimal("0.000001")))
+
+
+def _cmd_usage(cli: _Cli) -> int:
+    from hsmkeys.usage import Pricing, parse_day
+
+    a = cli.args
+    try:
+        since = parse_day(a.since) if a.since else None
+        until = parse_day(a.until) if a.until else None
+    except ValueError as exc:
+        raise InputError(f"--since/--until: {exc} (use YYYY-MM-DD or an ISO date-time)") from None
+    pricing = cli.settings().pricing if cli.opener is None or a.config else Pricing()
+    with cli.store() as store:
+        try:
+            report = store.usage_report(since, until, by=a.by, pricing=pricing)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    groups = [*report.groups, report.total]
+    if cli.as_json:
+        _out_json(
+            {
+                "since": report.since.isoformat(),
+                "until": report.until.isoformat(),
+                "by": report.by,
+                "pricing": {"key_month": str(pricing.key_month), "per_10k_requests": str(pricing.per_10k_requests)},
+                "groups": [
+                    {
+                        "group": g.name,
+                        "key_months": _money(g.key_months),
+                        "requests": g.total_requests,
+                        "requests_by_operation": dict(g.requests),
+                        "key_cost": _money(g.key_cost),
+                        "request_cost": _money(g.request_cost),
+                        "cost": _money(g.cost),
+                    }
+                    for g in report.groups
+                ],
+                "total": {
+                    "key_months": _money(report.total.key_months),
+                    "requests": report.total.total_requests,
+                    "requests_by_operation": dict(report.total.requests),
+                    "key_cost": _money(report.total.key_cost),
+                    "request_cost": _money(report.total.request_cost),
+                    "cost": _money(report.total.cost),
+                },
+            }
+        )
+        return EXIT_OK
+    operations = sorted({op for g in groups for op in g.requests})
+    if a.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([report.by, "key_months", "requests", *operations, "key_cost", "request_cost", "cost"])
+        for g in groups:
+            writer.writerow(
+                [g.name, _money(g.key_months), g.total_requests, *(g.requests.get(op, 0) for op in operations),
+                 _money(g.key_cost), _money(g.request_cost), _money(g.cost)]
+            )  # fmt: skip
+        return EXIT_OK
+    _out(f"usage {report.since.isoformat()} .. {report.until.isoformat()} by {report.by}")
+    width = max(len(g.name) for g in groups)
+    _out(f"{report.by:<{width}}  {'key-months':>12}  {'requests':>10}  {'cost':>12}  by operation")
+    for g in groups:
+        per_op = ", ".join(f"{op}={n}" for op, n in g.requests.items())
+        _out(f"{g.name:<{width}}  {_money(g.key_months):>12}  {g.total_requests:>10}  {_money(g.cost):>12}  {per_op}")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     # --config and --json work before or after the command; SUPPRESS keeps a
     # sub-command from resetting a value given before it.
@@ -1636,6 +1708,18 @@ def _parser() -> argparse.ArgumentParser:
         help="postgresql://user@host:port/db; password from $HSMKEYS_CATALOG_PASSWORD or --to-password-file",
     )  # fmt: skip
     sub.add_argument("--to-password-file", default=None, metavar="F", help="file (mode 0600) holding the password")
+    sub = command(
+        commands,
+        "usage",
+        _cmd_usage,
+        "key-months, requests and cost per key, alias, account, operation or tag (pricing: in the config)",
+    )
+    sub.add_argument("--since", metavar="D", default=None, help="start, YYYY-MM-DD (UTC; default: this month's 1st)")
+    sub.add_argument("--until", metavar="D", default=None, help="end, exclusive (default: now)")
+    sub.add_argument(
+        "--by", default="key", metavar="key|alias|account|operation|tag:<name>", help="grouping (default key)"
+    )
+    sub.add_argument("--csv", action="store_true", help="print CSV")
     sub = command(commands, "doctor", _cmd_doctor, "compare HSM and catalog (exit 1 if they drifted)")
     sub.add_argument("--fix", action="store_true", help="destroy orphan objects and finish purges")
 

@@ -72,7 +72,14 @@ from hsmkeys.models import (
 from hsmkeys.operations import KeyRole, Operation
 from hsmkeys.ops import managed
 from hsmkeys.ops.grants import check_tokens
-from hsmkeys.usage import COUNTED_OPERATIONS, UsageRecorder
+from hsmkeys.usage import (
+    COUNTED_OPERATIONS,
+    Pricing,
+    UsageRecorder,
+    UsageReport,
+    month_start,
+    usage_report,
+)
 from hsmkeys.validation import check_str
 
 if TYPE_CHECKING:
@@ -311,6 +318,26 @@ class KeyStore:
         """Add the in-memory usage counts to the catalog (the server does this every few
         seconds, close() at the end); returns the number of requests flushed."""
         return self._usage.flush(self._catalog)
+
+    def usage_report(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        by: str = "key",
+        pricing: Pricing | None = None,
+    ) -> UsageReport:
+        """Key-months, requests and cost per group (``hsmkeys usage``); see hsmkeys.usage.
+
+        Default period: the start of the current UTC month until now. Flushes this
+        store's counts first. ValueError for an unknown ``by`` or an empty period.
+        """
+        until = until or self._now()
+        since = since or month_start(until)
+        if since >= until:
+            raise ValueError(f"the period is empty: --since {since.isoformat()} is not before --until")
+        self.flush_usage()
+        return usage_report(self._catalog, since, until, by=by, pricing=pricing)
 
     def _record_managed_creation(self, call: Call, key_arn: str) -> None:
         """Audit the creation of an AWS managed key by a call's first use of its alias."""

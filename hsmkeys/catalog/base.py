@@ -314,3 +314,15 @@ class Catalog(Protocol):
     def recall_request(self, principal: str, invocation_id: str, operation: str) -> str | None:
         """The resource an earlier, committed attempt of the same request made."""
         ...
+
+    # ------------------------------------------------------------- maintenance lease
+    def take_maintenance_lease(self, holder: str, seconds: float) -> bool:
+        """Take the maintenance lease for ``holder`` until ``seconds`` from now if it is
+        free, expired or held by ``holder`` already (a renewal); whether ``holder`` holds
+        it now. One atomic statement, so of two contenders exactly one wins. The time is
+        the database's (PostgreSQL), so hosts' clocks need not agree."""
+        ...
+
+    def release_maintenance_lease(self, holder: str) -> None:
+        """Let the lease go at once if ``holder`` holds it (a clean shutdown)."""
+        ...

@@ -226,6 +226,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX request_results_by_age ON request_results (created_at)",
     ),
+    (
+        # Maintenance runs on one host at a time: whoever holds this lease (a row with an
+        # expiry, not a session lock, which a frozen holder would keep forever).
+        """CREATE TABLE maintenance_lease (
+            id integer PRIMARY KEY CHECK (id = 1),
+            holder text NOT NULL,
+            expires timestamptz NOT NULL
+        )""",
+        "INSERT INTO maintenance_lease (id, holder, expires) VALUES (1, '', '-infinity')",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -940,6 +950,33 @@ class PostgresCatalog:
             (principal, invocation_id, operation),
         )
         return str(rows[0][0]) if rows else None
+
+    # ------------------------------------------------------------- maintenance lease
+
+    def take_maintenance_lease(self, holder: str, seconds: float) -> bool:
+        """Take or renew the lease (see Catalog). One UPDATE: a second contender waits for
+        the first's row lock, then re-checks the condition against the committed row."""
+        rows = self._write(
+            "take_maintenance_lease",
+            lambda conn: conn.execute(
+                "UPDATE maintenance_lease SET holder = %s, "
+                "expires = clock_timestamp() + make_interval(secs => %s) "
+                "WHERE id = 1 AND (expires < clock_timestamp() OR holder = %s)",
+                (holder, float(seconds), holder),
+            ).rowcount,
+            announce=False,
+        )
+        return rows == 1
+
+    def release_maintenance_lease(self, holder: str) -> None:
+        self._write(
+            "release_maintenance_lease",
+            lambda conn: conn.execute(
+                "UPDATE maintenance_lease SET expires = '-infinity' WHERE id = 1 AND holder = %s",
+                (holder,),
+            ),
+            announce=False,
+        )
 
     # ------------------------------------------------------------- aliases
 

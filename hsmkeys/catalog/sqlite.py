@@ -206,6 +206,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX request_results_by_age ON request_results (created_at)",
     ),
+    (
+        # Maintenance runs in one process at a time: whoever holds this lease.
+        """CREATE TABLE maintenance_lease (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            holder TEXT NOT NULL,
+            expires INTEGER NOT NULL
+        )""",
+        "INSERT INTO maintenance_lease (id, holder, expires) VALUES (1, '', 0)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -878,6 +887,31 @@ class SqliteCatalog:
             (principal, invocation_id, operation),
         )
         return str(rows[0][0]) if rows else None
+
+    # ------------------------------------------------------------- maintenance lease
+
+    def take_maintenance_lease(self, holder: str, seconds: float) -> bool:
+        """Take or renew the lease (see Catalog): one UPDATE, atomic in SQLite's write lock.
+        The wall clock decides expiry (the processes sharing a file share a host). It
+        bypasses transaction() so that a renewal does not flush every process's cache."""
+        now = time.time_ns() // 1000
+        try:
+            with self._lock:
+                cursor = self._conn.execute(
+                    "UPDATE maintenance_lease SET holder = ?, expires = ? "
+                    "WHERE id = 1 AND (expires < ? OR holder = ?)",
+                    (holder, now + int(seconds * 1_000_000), now, holder),
+                )
+        except sqlite3.Error as exc:
+            raise _internal("take_maintenance_lease", exc) from exc
+        return cursor.rowcount == 1
+
+    def release_maintenance_lease(self, holder: str) -> None:
+        try:
+            with self._lock:
+                self._conn.execute("UPDATE maintenance_lease SET expires = 0 WHERE id = 1 AND holder = ?", (holder,))
+        except sqlite3.Error as exc:
+            raise _internal("release_maintenance_lease", exc) from exc
 
     # ------------------------------------------------------------- aliases
 

@@ -233,9 +233,12 @@ class KmsApp:
         target: str | None = None
         content_type = b""
         declared_length = -1
+        invocation_id: str | None = None
         for name, value in headers:
             if name == b"x-amz-target":
                 target = value.decode("latin-1")
+            elif name == b"amz-sdk-invocation-id":  # one logical request's retries share it
+                invocation_id = value.decode("latin-1")
             elif name == b"content-type":
                 content_type = value
             elif name == b"content-length" and value.isdigit():
@@ -290,6 +293,7 @@ class KmsApp:
                 request_id=request_id,
                 source=source,
                 secure_transport=scope.get("scheme") == "https",
+                invocation_id=invocation_id,
             )
         except KMSInternalException as exc:
             _log_internal("internal_error", request_id, op_name, exc)

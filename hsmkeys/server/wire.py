@@ -444,10 +444,17 @@ def _reject_non_finite(token: str) -> Any:
 
 _decode_json = json.JSONDecoder(parse_constant=_reject_non_finite).decode
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_encode_json_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+# A \uD800-\uDFFF escape, the only way JSON text can carry a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
-    """The request JSON object; an empty body is ``{}``. Raises SerializationException."""
+    """The request JSON object; an empty body is ``{}``. Raises SerializationException.
+
+    A string holding a lone surrogate (``"\\ud800"`` unpaired) is not Unicode text: no
+    name, context or policy can hold it (it has no UTF-8 form), so it is refused here.
+    """
     if not body.strip():
         return {}
     try:
@@ -456,11 +463,35 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise SerializationException("Request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise SerializationException("Request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) is not None and _has_lone_surrogate(value):
+        raise SerializationException("Request body holds a string that is not valid Unicode (a lone surrogate)")
     return value
 
 
+def _has_lone_surrogate(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def encode_body(value: Mapping[str, Any]) -> bytes:
-    return _encode_json(value).encode("utf-8")
+    """Compact UTF-8 JSON; text that has no UTF-8 form (a lone surrogate in an echoed
+    name) is written with ASCII escapes instead, which every JSON reader accepts."""
+    try:
+        return _encode_json(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode_json_ascii(value).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,9 +623,14 @@ class BoundOperation:
         request_id: str | None = None,
         source: str | None = None,
         secure_transport: bool = False,
+        invocation_id: str | None = None,
     ) -> bytes:
-        """Run the operation for a caller and return the response body; KMSErrors propagate."""
+        """Run the operation for a caller and return the response body; KMSErrors propagate.
+
+        ``invocation_id``: the SDK's ``amz-sdk-invocation-id`` (the same on each retry).
+        """
         assert self._invoke is not None and self._op is not None  # parse() refused the rest
+        extra = {"invocation_id": invocation_id} if invocation_id else {}
         result = self._invoke(
             self._op,
             args,
@@ -602,6 +638,7 @@ class BoundOperation:
             request_id=request_id,
             source=source,
             secure_transport=secure_transport,
+            **extra,
         )
         return self.wire.write(result)
 

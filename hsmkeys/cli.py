@@ -1005,6 +1005,9 @@ def _cmd_doctor(cli: _Cli) -> int:
                 "orphan_objects": [ref.label for ref in report.orphan_objects],
                 "missing_objects": [ref.label for ref in report.missing_objects],
                 "unfinished_purges": list(report.unfinished_purges),
+                "young_orphans": [ref.label for ref in report.young_orphans],
+                "stale_wrapping_keys": [str(ref.key_uuid) for ref in report.stale_wrapping_keys],
+                "destroyed": [ref.label for ref in report.destroyed],
                 "fixed": report.fixed,
             }
         )
@@ -1018,9 +1021,17 @@ def _cmd_doctor(cli: _Cli) -> int:
         _out(f"missing HSM object {ref.label}: the catalog references it but the token lacks it")
     for key_id in report.unfinished_purges:
         _out(f"unfinished purge of key {key_id}")
+    for ref in report.stale_wrapping_keys:
+        _out(f"stale import wrapping key of {ref.key_uuid}: older than its 24 h import token")
+    if report.young_orphans:
+        _out(
+            f"{len(report.young_orphans)} orphan(s) first seen less than doctor_grace_seconds ago "
+            "(maybe a create in flight): --fix leaves them until a later scan"
+        )
     if report.fixed:
         _out(
-            f"fixed: destroyed {len(report.orphan_objects)} orphan object(s), "
+            f"fixed: destroyed {len(report.destroyed)} orphan object(s) and "
+            f"{len(report.stale_wrapping_keys)} wrapping key(s), "
             f"finished {len(report.unfinished_purges)} purge(s)"
         )
         if report.missing_objects:

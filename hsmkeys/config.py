@@ -63,6 +63,7 @@ _TOP_LEVEL = {
     "audit_log",
     "audit_fsync_lines",
     "maintenance_interval_seconds",
+    "maintenance_lease_seconds",
     "doctor_grace_seconds",
     "principals",
     "server",
@@ -228,6 +229,9 @@ class Settings:
     audit_log: Path | None = None
     audit_fsync_lines: bool = False  # fsync every audit line (checkpoint lines always are)
     maintenance_interval_seconds: float = 60.0
+    #: How long the catalog's maintenance lease lasts unless renewed; a host that dies or
+    #: freezes holding it stops maintenance for at most this long.
+    maintenance_lease_seconds: float = 30.0
     #: ``doctor --fix`` destroys an orphan HSM object only when two scans at least this
     #: far apart saw it (a create or rotation in flight is not an orphan).
     doctor_grace_seconds: float = 600.0
@@ -307,6 +311,9 @@ class Settings:
         )
         if interval <= 0:
             raise ConfigError("maintenance_interval_seconds: must be greater than 0")
+        lease = reader.number("maintenance_lease_seconds", data.get("maintenance_lease_seconds", 30))
+        if not 0 < lease < float("inf"):
+            raise ConfigError("maintenance_lease_seconds: must be a number of seconds greater than 0")
         grace = reader.number("doctor_grace_seconds", data.get("doctor_grace_seconds", 600))
         if not 0 <= grace < float("inf"):
             raise ConfigError("doctor_grace_seconds: must be a number of seconds, 0 or more")
@@ -331,6 +338,7 @@ class Settings:
             audit_log=reader.optional_path("audit_log", data.get("audit_log")),
             audit_fsync_lines=reader.flag("audit_fsync_lines", data.get("audit_fsync_lines", False)),
             maintenance_interval_seconds=interval,
+            maintenance_lease_seconds=lease,
             doctor_grace_seconds=grace,
             principals=_principals(data.get("principals", []), base_dir),
             config_path=config_path,

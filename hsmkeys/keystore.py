@@ -886,6 +886,16 @@ class KeyStore:
         self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
         return MaintenanceReport(tuple(rotated), tuple(purged))
 
+    def hold_maintenance_lease(self, holder: str, seconds: float) -> bool:
+        """Take or renew the catalog's maintenance lease for ``holder`` for ``seconds``;
+        whether it holds it now. Instances sharing a catalog run maintenance only while
+        holding it, so each due rotation, purge or expiry is done by one of them."""
+        return self._catalog.take_maintenance_lease(holder, seconds)
+
+    def release_maintenance_lease(self, holder: str) -> None:
+        """Give the lease up (at shutdown) so another instance takes over at once."""
+        self._catalog.release_maintenance_lease(holder)
+
     def _purge(self, key: KeyRecord) -> bool:
         """Mark Purging, destroy every HSM object of the key, then delete its rows."""
         with self._catalog.transaction():

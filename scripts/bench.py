@@ -16,6 +16,11 @@ absolute target (the machine is shared and swings +-30% between runs):
   server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
   server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1                        [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
+  pg_vs_sqlite_encrypt       hsmkeys serve Encrypt req/s with a PostgreSQL catalog / with SQLite,
+                             same token, same --workers, interleaved rounds   [--multihost]
+  cross_instance_visibility_ms
+                             p50/p99 ms from DisableKey returning on instance A to instance B
+                             (same token and PostgreSQL catalog) refusing the key   [--multihost]
   envelope_kms_calls_per_1000_messages
                              KeyStore calls for 1,000 Encryption SDK messages with the data key
                              cache (the one absolute count; without the cache it is 1,000);
@@ -890,6 +895,147 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _write_server_config(folder: Path, token: BenchToken, catalog: str, access_key: str, secret_key: str) -> Path:
+    """A config for ``hsmkeys serve``: the bench token, ``catalog``, one kms:* principal."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pin, secret = folder / "pin", folder / "secret"
+    for path, value in ((pin, token.pin), (secret, secret_key)):
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    config = {
+        "hsm": {"module": token.module, "token_label": token.label, "pin_file": str(pin), "softhsm2_conf": token.conf},
+        "catalog": catalog,
+        "principals": [{
+            "arn": "arn:aws:iam::111122223333:user/bench", "access_key_id": access_key,
+            "secret_access_key_file": str(secret),
+            "policy": {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]},
+        }],
+    }  # fmt: skip
+    path = folder / "hsmkeys.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def _visibility_ms(url_a: str, url_b: str, access_key: str, secret_key: str, rounds: int) -> list[float]:
+    """Per round: B encrypts (the key is cached there as Enabled), A disables it, then B is
+    polled with a pre-signed Encrypt until it refuses; ms from A's answer to B's refusal."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    import boto3
+    from botocore.config import Config
+
+    a = boto3.client(
+        "kms", endpoint_url=url_a, region_name=REGION, aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key, config=Config(retries={"max_attempts": 1}),
+    )  # fmt: skip
+    key_id = str(a.create_key(Description="visibility")["KeyMetadata"]["KeyId"])
+    spec = loadgen.LoadSpec(url_b, access_key, secret_key, REGION, "Encrypt", loadgen.encrypt_payload(key_id, PLAINTEXT))
+    body = json.dumps(spec.payload).encode()
+    headers = loadgen.signed_headers(spec, body)
+    parts = urlsplit(url_b)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+
+    def b_encrypts() -> bool:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+        if response.status != 200 and b"DisabledException" not in answer:
+            raise RuntimeError(f"B answered {response.status}: {answer[:200]!r}")
+        return response.status == 200
+
+    samples: list[float] = []
+    try:
+        for _ in range(rounds):
+            a.enable_key(KeyId=key_id)
+            deadline = time.monotonic() + 5
+            while not b_encrypts():  # B sees the key enabled again (and caches it)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("B never saw the key enabled")
+            a.disable_key(KeyId=key_id)
+            committed = time.perf_counter()
+            while b_encrypts():
+                if time.perf_counter() - committed > 5:
+                    raise RuntimeError("B never refused the disabled key")
+            samples.append((time.perf_counter() - committed) * 1000)
+    finally:
+        conn.close()
+    return samples
+
+
+def phase_multihost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One token; ``hsmkeys serve`` with a SQLite and with a PostgreSQL catalog (same
+    --workers) under the same load, round-robin; then two PostgreSQL instances for the
+    cross-instance visibility. PostgreSQL is a throwaway server (tests/pgserver.py)."""
+    tests_dir = str(SCRIPTS.parent / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from pgserver import running_server
+
+    access_key = "AKIA" + "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16))
+    secret_key = secrets.token_urlsafe(30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOFTHSM2_CONF", "AWS_", "HSMKEYS_"))}
+    hsmkeys_cli = [sys.executable, "-m", "hsmkeys"]
+    token = _make_token(tmp / "multihost", TOKEN_LABEL + "-mh")
+    servers: list[ServerProcess] = []
+    with running_server() as pg:
+        dsn = pg.dsn(pg.create_database())
+        try:
+
+            def serve(name: str, catalog: str, workers: int) -> str:
+                config = _write_server_config(tmp / "multihost" / name, token, catalog, access_key, secret_key)
+                server = ServerProcess(
+                    name,
+                    [*hsmkeys_cli, "--config", str(config), "serve", "--no-audit", "--host", "127.0.0.1",
+                     "--port", "0", "--workers", str(workers)],
+                    env,
+                )  # fmt: skip
+                servers.append(server)
+                log(f"starting hsmkeys serve ({name}, --workers {workers})")
+                return server.start()
+
+            endpoints = []
+            for name, catalog in (("sqlite", str(tmp / "multihost" / "catalog.sqlite3")), ("postgresql", dsn)):
+                url = serve(name, catalog, args.workers)
+                key_id = _create_key_with_boto3(url, access_key, secret_key)
+                endpoints.append(Endpoint(name, servers[-1], url, key_id, args.requests))
+            for round_no in range(args.server_rounds):
+                order = endpoints[round_no % 2 :] + endpoints[: round_no % 2]
+                for endpoint in order:
+                    spec = loadgen.LoadSpec(
+                        endpoint=endpoint.url, access_key_id=access_key, secret_access_key=secret_key,
+                        region=REGION, target="Encrypt", payload=loadgen.encrypt_payload(endpoint.key_id, PLAINTEXT),
+                        clients=args.clients, requests_per_client=max(1, endpoint.requests // args.clients),
+                        warmup_per_client=args.warmup, max_seconds=args.max_run_seconds,
+                    )  # fmt: skip
+                    result = loadgen.run_load(spec)
+                    if result.errors:
+                        raise RuntimeError(f"{endpoint.name}: {result.errors} failed requests; first: {result.first_error}")
+                    endpoint.runs.append(result)
+                    log(
+                        f"multihost round {round_no + 1}/{args.server_rounds} {endpoint.name}: "
+                        f"{result.req_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms"
+                    )
+            url_b = serve("postgresql-b", dsn, 1)
+            samples = _visibility_ms(endpoints[1].url, url_b, access_key, secret_key, args.visibility_rounds)
+        finally:
+            for server in servers:
+                log(f"stopped {server.name} (exit {server.stop()})")
+    quantiles = statistics.quantiles(samples, n=100, method="inclusive")
+    return {
+        **{
+            e.name: {
+                "req_per_s": e.median_rps(),
+                "runs_req_per_s": [r.req_per_s for r in e.runs],
+                "p50_ms": statistics.median(r.p50_ms for r in e.runs),
+                "p99_ms": statistics.median(r.p99_ms for r in e.runs),
+            }
+            for e in endpoints
+        },
+        "visibility": {"p50_ms": statistics.median(samples), "p99_ms": quantiles[98], "rounds": len(samples)},
+    }
+
+
 # ============================================================ orchestration and report
 
 
@@ -933,6 +1079,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-rounds", type=int, default=3, help="rounds over the servers (medians)")
     p.add_argument("--server-only", action="store_true", help="only the server comparisons (implies --server)")
     p.add_argument("--envelope-only", action="store_true", help="only the envelope (Encryption SDK) phase")
+    p.add_argument(
+        "--multihost", action="store_true", help="also PostgreSQL vs SQLite catalog and cross-instance visibility"
+    )
+    p.add_argument("--multihost-only", action="store_true", help="only the --multihost phase")
+    p.add_argument("--visibility-rounds", type=int, default=200, help="disable/refuse rounds for the visibility")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--check", action="store_true", help="exit 1 if a measured target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (token, catalog)")
@@ -941,6 +1092,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds, --latency-procs, --server-rounds and --clients must be at least 1")
     if args.server_only:
         args.server = True
+    if args.multihost_only:
+        args.multihost = True
     if args.workers < 1:
         p.error("--workers must be at least 1")
     return args
@@ -1073,9 +1226,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
                 log(f"{name} FAILED:\n{traceback.format_exc()}")
 
-        if not args.server_only and not args.envelope_only:
+        only_other = args.server_only or args.multihost_only
+        if not only_other and not args.envelope_only:
             guarded("library phases", lambda: _token_phases(args, token, small_token, figures, ratios))
-        if not args.server_only:
+        if not only_other:
 
             def envelope() -> None:
                 figures["envelope"] = _in_fresh_process(phase_envelope, token, timeout=600)
@@ -1106,6 +1260,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in ("server_encrypt_vs_moto", "server_2workers_vs_1", "server_vs_library"):
                 ratios[name] = None
             guarded("server", servers)
+        if args.multihost:
+
+            def multihost() -> None:
+                mh = phase_multihost(args, tmp)
+                figures["multihost"] = mh
+                ratios["pg_vs_sqlite_encrypt"] = mh["postgresql"]["req_per_s"] / mh["sqlite"]["req_per_s"]
+                report["cross_instance_visibility_ms"] = mh["visibility"]
+
+            ratios["pg_vs_sqlite_encrypt"] = None
+            guarded("multihost", multihost)
     finally:
         if args.keep:
             log(f"kept {tmp}")
@@ -1132,7 +1296,7 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"{'ratio':<28}{'value':>8}  {'target':<10}{'met':<5}")
-    names = [n for n in (*TARGETS, "server_vs_library") if n in report]
+    names = [n for n in (*TARGETS, "server_vs_library", "pg_vs_sqlite_encrypt") if n in report]
     for name in names:
         value = report[name]
         entry = report["targets"].get(name)
@@ -1202,6 +1366,19 @@ def render_table(report: dict[str, Any]) -> str:
             f"  load: {params['clients']} client processes x 1 keep-alive connection, "
             f"{params['requests']} (moto {params['moto_requests']}) requests per run, "
             f"server_encrypt_vs_moto and server_vs_library use --workers {params['workers']}"
+        )
+    if "multihost" in figures:
+        mh = figures["multihost"]
+        for name in ("sqlite", "postgresql"):
+            runs = ", ".join(f"{x:,.0f}" for x in mh[name]["runs_req_per_s"])
+            lines.append(
+                f"  server, {name} catalog, --workers {params['workers']}: Encrypt {mh[name]['req_per_s']:,.0f} req/s "
+                f"(runs {runs}; p50 {mh[name]['p50_ms']:.2f} ms, p99 {mh[name]['p99_ms']:.2f} ms)"
+            )
+        vis = mh["visibility"]
+        lines.append(
+            f"  cross-instance visibility (DisableKey answered on A -> B refuses), {vis['rounds']} rounds: "
+            f"p50 {vis['p50_ms']:.2f} ms, p99 {vis['p99_ms']:.2f} ms"
         )
     for error in report["errors"]:
         lines.append(f"ERROR {error}")

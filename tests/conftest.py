@@ -1,6 +1,8 @@
 """Fixtures shared by the in-memory suites (tests/unit, tests/cli): a KeyStore on the
 in-memory HSM, a SQLite catalog in tmp_path and a fake clock. The SoftHSM2 and server
-fixtures come from the hsmkeys pytest plugin (hsmkeys/testing/plugin.py)."""
+fixtures come from the hsmkeys pytest plugin (hsmkeys/testing/plugin.py). The PostgreSQL
+ones (tests/catalog, tests/multihost): one throwaway server per session (pgserver.py),
+a fresh database per test."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from pgserver import PgServer, running_server
 
 from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.clock import FakeClock
@@ -20,6 +23,21 @@ settings.register_profile(
     "hsmkeys", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("hsmkeys")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """Started on first use only: suites that never ask for it start no PostgreSQL."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database of its own for this test."""
+    name = pg_server.create_database()
+    yield pg_server.dsn(name)
+    pg_server.drop_database(name)
 
 
 @pytest.fixture

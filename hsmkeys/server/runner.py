@@ -14,12 +14,15 @@ Process model
     the server stops); workers exit when the supervisor is gone.
 
 Maintenance (due rotations and purges, ``KeyStore.run_maintenance``) runs every
-``settings.maintenance_interval_seconds`` in exactly one process: every process tries
-a non-blocking ``flock`` on ``<catalog>.maintenance.lock`` and only its holder runs
-it. The kernel drops the lock when its holder dies, so another process takes over,
-and a second server sharing the catalog cannot double up (two concurrent runs could
-both rotate a due key). Other maintainers should take the same lock
-(:func:`maintenance_lock_path`).
+``settings.maintenance_interval_seconds`` in exactly one process of all the servers
+sharing a catalog. On each host, every process tries a non-blocking ``flock`` on
+``<catalog>.maintenance.lock`` and only its holder goes on (the kernel drops the lock
+when its holder dies, so another process of the host takes over). The holder then takes
+the catalog's maintenance lease (``settings.maintenance_lease_seconds``, renewed every
+``min(interval, lease / 3)``) and runs maintenance only while it holds it: a host that
+dies or freezes loses the lease when it expires and another host's holder takes over.
+A clean shutdown gives the lease up at once. Other maintainers should take the same
+lock (:func:`maintenance_lock_path`).
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets in-flight requests
 finish (up to ``GRACEFUL_SHUTDOWN_S``), stops the maintenance loop (a run in progress
@@ -441,11 +444,50 @@ class _MaintenanceLock:
             os.close(fd)  # closing the only descriptor drops the lock
 
 
-async def _maintenance_loop(keystore: KeyStore, interval: float, lock: _MaintenanceLock) -> None:
-    """Run due rotations and purges every ``interval`` seconds while holding ``lock``."""
+class _MaintenanceLeader:
+    """This process's claim to run maintenance: the host's flock (one process per host
+    contends), then the catalog's lease (one host at a time)."""
+
+    def __init__(self, keystore: KeyStore, lock: _MaintenanceLock, lease_seconds: float) -> None:
+        self._keystore = keystore
+        self._lock = lock
+        self.lease_seconds = lease_seconds
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._held = False
+
+    def renew(self) -> bool:
+        """Take or renew the lease; whether this process may run maintenance now."""
+        held = False
+        try:
+            held = self._lock.try_acquire() and self._keystore.hold_maintenance_lease(
+                self.holder, self.lease_seconds
+            )
+        finally:
+            if held != self._held:
+                log.info("event=maintenance_lease held=%s holder=%s", held, self.holder)
+            self._held = held
+        return held
+
+    def release(self) -> None:
+        """Give the lease up if held (errors are logged: it expires anyway)."""
+        if not self._held:
+            return
+        self._held = False
+        try:
+            self._keystore.release_maintenance_lease(self.holder)
+        except KMSError as exc:
+            log.warning("event=maintenance_lease_release_failed error=%s", type(exc).__name__)
+
+
+async def _maintenance_loop(keystore: KeyStore, interval: float, leader: _MaintenanceLeader) -> None:
+    """Renew the lease every ``min(interval, lease / 3)`` seconds and, while holding it,
+    run due rotations and purges every ``interval`` seconds."""
+    renew_every = min(interval, leader.lease_seconds / 3)
+    next_run = 0.0
     while True:
         try:
-            if lock.try_acquire():
+            if leader.renew() and time.monotonic() >= next_run:
+                next_run = time.monotonic() + interval
                 # Synchronous on the event loop on purpose: HSM calls in one process
                 # must not overlap, and a cancelled loop must not leave a run half done.
                 report = keystore.run_maintenance()
@@ -457,7 +499,7 @@ async def _maintenance_loop(keystore: KeyStore, interval: float, lock: _Maintena
                     )
         except Exception as exc:  # keep serving; the next interval retries
             log.error("event=maintenance_failed error=%s", type(exc).__name__)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(renew_every)
 
 
 async def _usage_flush_loop(keystore: KeyStore, interval: float) -> None:
@@ -484,7 +526,13 @@ def _serve(
     lock = _MaintenanceLock(maintenance_lock_path(settings))
     keystore = KeyStore.open(settings)
     keystore.preload()  # before the first request, not during it
-    close = _Once(keystore.close)
+    leader = _MaintenanceLeader(keystore, lock, settings.maintenance_lease_seconds)
+
+    def close_store() -> None:
+        leader.release()  # before closing: another instance takes over at once
+        keystore.close()
+
+    close = _Once(close_store)
     try:
         served_verifier: RequestVerifier = verifier
         metrics: RequestMetrics = Metrics()
@@ -497,7 +545,7 @@ def _serve(
             metrics,
             background=(
                 functools.partial(
-                    _maintenance_loop, keystore, settings.maintenance_interval_seconds, lock
+                    _maintenance_loop, keystore, settings.maintenance_interval_seconds, leader
                 ),
                 functools.partial(_usage_flush_loop, keystore, USAGE_FLUSH_SECONDS),
             ),

@@ -1,8 +1,8 @@
 """Fixtures of the catalog contract suite: every test that takes ``catalog`` or
 ``open_catalog`` runs against SQLite and against PostgreSQL.
 
-One throwaway PostgreSQL server serves the whole session (started as the ``postgres``
-user when the tests run as root; see pgserver.py); each test gets its own database.
+One throwaway PostgreSQL server serves the whole session (``pg_server`` in
+tests/conftest.py; see tests/pgserver.py); each test gets its own database (``pg_dsn``).
 """
 
 from __future__ import annotations
@@ -11,27 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pgserver import PgServer, running_server
 
 from hsmkeys.catalog.base import Catalog
 from hsmkeys.catalog.postgres import PostgresCatalog
 from hsmkeys.catalog.sqlite import SqliteCatalog
 
 OpenCatalog = Callable[[], Catalog]
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    with running_server() as server:
-        yield server
-
-
-@pytest.fixture
-def pg_dsn(pg_server: PgServer) -> Iterator[str]:
-    """A fresh, empty database of its own for this test."""
-    name = pg_server.create_database()
-    yield pg_server.dsn(name)
-    pg_server.drop_database(name)
 
 
 @pytest.fixture

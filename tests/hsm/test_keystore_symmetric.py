@@ -84,6 +84,7 @@ def test_doctor_reports_an_hsm_object_without_catalog_row(hsm_keystore: KeyStore
 
 
 USER_TEST = '''
+import datetime
 import uuid
 
 import pytest
@@ -92,11 +93,12 @@ from hsmkeys.models import KeySpec, KeyUsage, KeyVersionRef
 
 
 @pytest.mark.hsm
-def test_doctor_fix_destroys_the_orphan(hsm_keystore, hsm):
+def test_doctor_fix_destroys_the_orphan(hsm_keystore, hsm, hsm_keystore_clock):
     key_id = hsm_keystore.create_key().key_metadata.key_id
     orphan = KeyVersionRef(uuid.uuid4(), 1)
     hsm.create_key(orphan, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
     assert hsm_keystore.doctor().orphan_objects == (orphan,)
+    hsm_keystore_clock.advance(datetime.timedelta(seconds=601))  # past the doctor's grace period
     fixed = hsm_keystore.doctor(fix=True)
     assert fixed.fixed and fixed.orphan_objects == (orphan,)
     assert not hsm.has_key(orphan)

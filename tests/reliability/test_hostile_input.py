@@ -12,6 +12,7 @@ import collections
 import contextlib
 import io
 import json
+import sys
 from typing import Any
 
 import botocore.session
@@ -170,8 +171,13 @@ def test_cli_arguments_get_a_message_never_a_traceback(path: tuple[str, ...], op
     @given(argv=st.lists(token, max_size=6))
     def check(argv: list[str]) -> None:
         err, out = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            status = cli.main([*path, *argv], open_store=_store)
+        stdin = sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(b"random stdin \xff\x00"))  # commands that read input
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                status = cli.main([*path, *argv], open_store=_store)
+        finally:
+            sys.stdin = stdin
         assert status in (0, 1, 2), status
         assert "Traceback" not in err.getvalue()
         if status == 2:

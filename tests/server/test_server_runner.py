@@ -39,9 +39,16 @@ class FakeStore:
             raise KMSInternalException("boom")
         return MaintenanceReport((), ())
 
+    def hold_maintenance_lease(self, holder: str, seconds: float) -> bool:
+        return True  # the catalog's lease is tested in tests/multihost
+
+    def release_maintenance_lease(self, holder: str) -> None:
+        pass
+
 
 async def _run_loop_for(store: FakeStore, lock: runner._MaintenanceLock, seconds: float) -> None:
-    task = asyncio.create_task(runner._maintenance_loop(store, 0.01, lock))  # type: ignore[arg-type]
+    leader = runner._MaintenanceLeader(store, lock, 30.0)  # type: ignore[arg-type]
+    task = asyncio.create_task(runner._maintenance_loop(store, 0.01, leader))  # type: ignore[arg-type]
     await asyncio.sleep(seconds)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

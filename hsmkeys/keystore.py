@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -274,7 +276,7 @@ class KeyStore:
             args,
             principal=principal,
             # One id for the call's audit lines and its usage record (GetKeyLastUsage).
-            request_id=request_id or str(uuid.uuid4()),
+            request_id=request_id or _request_ids.next(),
             source=source,
             secure_transport=secure_transport,
         )
@@ -403,7 +405,7 @@ class KeyStore:
             self._audit.record(
                 AuditEvent(
                     time=self._now(),
-                    request_id=request_id or str(uuid.uuid4()),
+                    request_id=request_id or _request_ids.next(),
                     principal=principal,
                     operation=operation,
                     outcome=outcome,
@@ -1054,6 +1056,26 @@ class KeyStore:
     update_key_description = operations.UPDATE_KEY_DESCRIPTION
     verify = operations.VERIFY
     verify_mac = operations.VERIFY_MAC
+
+
+class _RequestIds:
+    """Unique request ids without a uuid4 per call: a random 80-bit process prefix (new
+    after fork) and a counter, printed in the UUID layout."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        prefix = uuid.uuid4().hex[:20]
+        self._prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-{prefix[16:20]}-"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+_request_ids = _RequestIds()
 
 
 def principals_from_settings(settings: Settings) -> dict[str, Principal]:

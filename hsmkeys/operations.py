@@ -61,7 +61,7 @@ class KeyRole:
 class Operation(Generic[P, R]):
     """One KMS operation; as a class attribute of KeyStore, its public method."""
 
-    __slots__ = ("action", "conditions", "impl", "keyless_role", "keys", "mutating", "name")
+    __slots__ = ("action", "attr", "conditions", "impl", "keyless_role", "keys", "mutating", "name")
 
     def __init__(
         self,
@@ -80,6 +80,10 @@ class Operation(Generic[P, R]):
         self.mutating = mutating
         self.conditions = conditions  # (request member, condition key) pairs
         self.keyless_role = KeyRole(self.action, member=None)
+        self.attr: str | None = None  # the KeyStore attribute naming it (set by __set_name__)
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.attr = name
 
     @property
     def parameters(self) -> Mapping[str, inspect.Parameter]:
@@ -96,7 +100,12 @@ class Operation(Generic[P, R]):
     def __get__(self, store: KeyStore | None, owner: type[Any]) -> Operation[P, R] | Callable[P, R]:
         if store is None:
             return self
-        return _bound(store, self)
+        bound = _bound(store, self)
+        if self.attr is not None:
+            # A non-data descriptor: the instance attribute now answers later look-ups
+            # (no closure per call on the hot path).
+            store.__dict__[self.attr] = bound
+        return bound
 
     def __repr__(self) -> str:
         return f"Operation({self.name})"

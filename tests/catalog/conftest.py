@@ -11,12 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from records import OpenCatalog
 
 from hsmkeys.catalog.base import Catalog
 from hsmkeys.catalog.postgres import PostgresCatalog
 from hsmkeys.catalog.sqlite import SqliteCatalog
-
-OpenCatalog = Callable[[], Catalog]
 
 
 @pytest.fixture

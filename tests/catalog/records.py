@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from hsmkeys.catalog.base import (
@@ -65,3 +66,7 @@ def checkpoint(log_id: str = "/var/log/hsmkeys/audit.log", **changes: object) ->
         log_id=log_id, sequence=41, chain_hash="ab" * 32, mac="cd" * 32, file_name="audit.log", time=T0
     )
     return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+
+
+#: A fixture's factory of catalogs on one database (a second call: another instance).
+OpenCatalog = Callable[[], Catalog]

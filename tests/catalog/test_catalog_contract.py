@@ -8,8 +8,18 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 
 import pytest
-from conftest import OpenCatalog
-from records import ALICE, BOB, RETIRER, T0, add_key, alias, checkpoint, grant, make_key
+from records import (
+    ALICE,
+    BOB,
+    RETIRER,
+    T0,
+    OpenCatalog,
+    add_key,
+    alias,
+    checkpoint,
+    grant,
+    make_key,
+)
 
 from hsmkeys.catalog.base import AliasRecord, Catalog, VersionRecord
 from hsmkeys.errors import AlreadyExistsException, KMSInternalException, NotFoundException

@@ -13,8 +13,7 @@ from datetime import timedelta
 from functools import partial
 
 import pytest
-from conftest import OpenCatalog
-from records import T0, add_key, alias, grant
+from records import T0, OpenCatalog, add_key, alias, grant
 
 from hsmkeys.catalog.base import Catalog, KeyRecord, VersionRecord
 from hsmkeys.errors import AlreadyExistsException, KMSError, KMSInvalidStateException

@@ -6,8 +6,7 @@ from datetime import timedelta
 from functools import partial
 
 import pytest
-from conftest import OpenCatalog
-from records import T0, add_key
+from records import T0, OpenCatalog, add_key
 from test_catalog_races import race
 
 from hsmkeys.catalog.base import Catalog

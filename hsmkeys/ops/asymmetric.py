@@ -30,7 +30,6 @@ from hsmkeys.algorithms import CURVES, OAEP_HASHES, SIGNING_HASHES, rsa_signatur
 from hsmkeys.catalog.base import KeyRecord
 from hsmkeys.ciphertext import INVALID_CIPHERTEXT
 from hsmkeys.errors import (
-    DryRunOperationException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
     KMSInternalException,
@@ -60,6 +59,7 @@ from hsmkeys.models import (
     VerifyMacResult,
     VerifyResult,
 )
+from hsmkeys.ops.common import data_key_master, dry_run_error
 from hsmkeys.validation import check_bytes, check_context, check_enum, check_grant_tokens
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def sign(
         ks, call, key_id, message, message_type, signing_algorithm, grant_tokens
     )
     if dry_run:
-        raise _dry_run("Sign")
+        raise dry_run_error("Sign")
     ref = KeyVersionRef(key.key_uuid, key.current_version)
     signature = ks._hsm.sign_digest(ref, algorithm, digest)
     call.used(ks._arn(key.key_uuid), key.current_version)
@@ -147,7 +147,7 @@ def verify(
         ks, call, key_id, message, message_type, signing_algorithm, grant_tokens
     )
     if dry_run:
-        raise _dry_run("Verify")
+        raise dry_run_error("Verify")
     public = public_key(ks, key).key
     hash_alg = SIGNING_HASHES[algorithm]
     try:
@@ -275,7 +275,7 @@ def encrypt_rsa(
             f"Algorithm {oaep} and key spec {key.spec} cannot encrypt data larger than {limit} bytes."
         )
     if dry_run:
-        raise _dry_run("Encrypt")
+        raise dry_run_error("Encrypt")
     public = public_key(ks, key).key
     if not isinstance(public, rsa.RSAPublicKey):
         raise KMSInternalException("The HSM returned a non-RSA public key for an RSA key.")
@@ -315,7 +315,7 @@ def decrypt_rsa(
     oaep = _rsa_algorithm(ks, key, algorithm)
     _refuse_context(encryption_context)
     if dry_run:
-        raise _dry_run("Decrypt")
+        raise dry_run_error("Decrypt")
     if len(ciphertext) != keyspecs.RSA_BITS[key.spec] // 8:
         raise InvalidCiphertextException(INVALID_CIPHERTEXT)
     ref = KeyVersionRef(key.key_uuid, key.current_version)
@@ -365,7 +365,7 @@ def generate_mac(
     """
     key, algorithm, message = _mac_input(ks, call, message, key_id, mac_algorithm, grant_tokens)
     if dry_run:
-        raise _dry_run("GenerateMac")
+        raise dry_run_error("GenerateMac")
     mac = ks._hsm.mac(KeyVersionRef(key.key_uuid, key.current_version), algorithm, message)
     call.used(ks._arn(key.key_uuid), key.current_version)
     return GenerateMacResult(mac=mac, mac_algorithm=algorithm, key_id=ks._arn(key.key_uuid))
@@ -390,7 +390,7 @@ def verify_mac(
     mac = check_bytes("mac", mac, min_len=1, max_len=MAX_SIGNATURE)
     key, algorithm, message = _mac_input(ks, call, message, key_id, mac_algorithm, grant_tokens)
     if dry_run:
-        raise _dry_run("VerifyMac")
+        raise dry_run_error("VerifyMac")
     expected = ks._hsm.mac(KeyVersionRef(key.key_uuid, key.current_version), algorithm, message)
     # The key did its work either way; a wrong MAC is the call's result.
     call.used(ks._arn(key.key_uuid), key.current_version)
@@ -505,16 +505,9 @@ def _data_key_pair(
     spec = check_enum(DataKeyPairSpec, "keyPairSpec", key_pair_spec)
     check_grant_tokens(grant_tokens)
     # Checked before generating so a wrong key costs no key generation (RSA-4096: seconds).
-    key = ks._key(call, key_id)
-    ks._require_enabled(key)
-    ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
-    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-        raise InvalidKeyUsageException(
-            f"{ks._arn(key.key_uuid)} key spec {key.spec} is not valid for "
-            "GenerateDataKeyPair; a symmetric encryption KMS key is required."
-        )
+    key = data_key_master(ks, call, key_id, operation)
     if dry_run:
-        raise _dry_run(operation)
+        raise dry_run_error(operation)
     private_der, public_der = ks._hsm.generate_data_key_pair(spec)
     # Sealed exactly as Encrypt seals, so Decrypt opens it; the key checked above is the key used.
     blob = ks._seal(call, key, private_der, check_context("encryptionContext", encryption_context))
@@ -552,7 +545,7 @@ def derive_shared_secret(
         raise _incompatible(algorithm, key.spec)
     peer_der = _peer_public_key(public_key, key.spec)
     if dry_run:
-        raise _dry_run("DeriveSharedSecret")
+        raise dry_run_error("DeriveSharedSecret")
     secret = ks._hsm.derive_ecdh(KeyVersionRef(key.key_uuid, key.current_version), peer_der)
     call.used(ks._arn(key.key_uuid), key.current_version)
     return DeriveSharedSecretResult(
@@ -581,12 +574,6 @@ def _refuse_context(encryption_context: Mapping[str, str] | None) -> None:
     # KMS: an encryption context is valid only with symmetric encryption keys.
     if encryption_context:
         raise ValidationException("EncryptionContext is not supported with asymmetric KMS keys.")
-
-
-def _dry_run(operation: str) -> DryRunOperationException:
-    return DryRunOperationException(
-        f"The request would have succeeded, but the DryRun flag is set ({operation})."
-    )
 
 
 def _peer_public_key(der: bytes, spec: KeySpec) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from hsmkeys.arns import parse_uuid
 from hsmkeys.errors import (
@@ -14,8 +15,13 @@ from hsmkeys.errors import (
     TagException,
     ValidationException,
 )
-from hsmkeys.models import EncryptionAlgorithm, KeySpec, KeyVersionRef, Tag
+from hsmkeys.models import EncryptionAlgorithm, KeySpec, KeyUsage, KeyVersionRef, Tag
 from hsmkeys.validation import check_enum, check_int, check_str
+
+if TYPE_CHECKING:
+    from hsmkeys.call import Call
+    from hsmkeys.catalog.base import KeyRecord
+    from hsmkeys.keystore import KeyStore
 
 MAX_PLAINTEXT = 4096
 MAX_CIPHERTEXT = 6144
@@ -33,6 +39,20 @@ def dry_run_error(operation: str) -> DryRunOperationException:
     return DryRunOperationException(
         f"The request would have succeeded, but the DryRun option is set ({operation})."
     )
+
+
+def data_key_master(ks: KeyStore, call: Call, key_id: str, operation: str) -> KeyRecord:
+    """The usable SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key that seals data keys (and data key
+    pairs), authorized for the call; checked before any key material is generated."""
+    key = ks._key(call, key_id)
+    ks._require_enabled(key)
+    ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
+    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
+        raise InvalidKeyUsageException(
+            f"{ks._arn(key.key_uuid)} key spec {key.spec} is not valid for {operation}; "
+            "a symmetric encryption KMS key is required."
+        )
+    return key
 
 
 def require_symmetric_algorithm(algorithm: str | EncryptionAlgorithm | None) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from hsmkeys.errors import (
-    InvalidKeyUsageException,
     UnsupportedOperationException,
     ValidationException,
 )
@@ -30,6 +29,7 @@ from hsmkeys.ops import asymmetric
 from hsmkeys.ops.common import (
     MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
+    data_key_master,
     dry_run_error,
     require_symmetric_algorithm,
 )
@@ -189,13 +189,7 @@ def _data_key(
         size = check_int("numberOfBytes", number_of_bytes, low=1, high=1024)
     context = check_context("encryptionContext", encryption_context)
     check_grant_tokens(grant_tokens)
-    key = ks._key(call, key_id)
-    ks._require_enabled(key)
-    ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
-    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-        raise InvalidKeyUsageException(
-            f"{ks._arn(key.key_uuid)} is not a symmetric encryption key; data keys need one."
-        )
+    key = data_key_master(ks, call, key_id, call.op.name)
     if dry_run:
         raise dry_run_error(call.op.name)
     data_key = ks._hsm.random(size)

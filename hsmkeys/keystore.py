@@ -92,6 +92,7 @@ log = logging.getLogger("hsmkeys.keystore")
 
 _POLICY_CACHE_MAX = 4096
 _DECISION_MEMO_MAX = 16384
+_KEY_IDS_MAX = 65536
 # Condition keys whose value changes between identical requests: decisions reading them are not memoised.
 _VOLATILE_KEYS = ("aws:currenttime", "aws:epochtime", "kms:resourcealiases", "aws:requesttag", "aws:tagkeys")
 _REJECTION_WINDOW_SECONDS = 1.0
@@ -161,6 +162,7 @@ class KeyStore:
         retired (NIST SP 800-38D, see :mod:`hsmkeys.gcmlimit`); tests inject small ones."""
         self._hsm = hsm
         self._doctor_grace = timedelta(seconds=doctor_grace_seconds)
+        self._next_sweep: datetime | None = None  # run_maintenance's next orphan sweep
         self._gcm_budget = EncryptionBudget(
             catalog.reserve_encryptions, limit=gcm_encryption_limit, block=gcm_reservation_block
         )
@@ -174,6 +176,7 @@ class KeyStore:
         self._default_policy = default_key_policy(account_id)
         self._allowed: dict[tuple[object, ...], str] = {}  # policy-based allows, see _memo_key
         self._arns: dict[uuid.UUID, str] = {}
+        self._key_ids: dict[str, uuid.UUID] = {}  # key id / key ARN text -> UUID, see _key
         self._public_keys: dict[KeyVersionRef, CachedPublicKey] = {}
         self._rejections: dict[str | None, tuple[float, int, str, str]] = {}
         self._usage = UsageRecorder()
@@ -619,17 +622,24 @@ class KeyStore:
         ``alias_ok`` False: KMS lets only a key id or key ARN name the key there
         (NotFoundException for an alias).
         """
-        text = check_str("keyId", key_id, min_len=1, max_len=2048)
-        is_alias = text.startswith("alias/") or ":alias/" in text
-        if is_alias and not alias_ok:
-            raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
         chosen = call.op.keys[role] if isinstance(role, int) else role
         alias = None
-        if is_alias:
-            alias = text if text.startswith("alias/") else text.split(":", 5)[-1]
-            if chosen.creates_aws_managed and (text == alias or self._scope.resource(text) == alias):
-                managed.ensure_key(self, call, alias)  # alias/aws/<service>: created on first use
-        key = self._lookup(text)
+        # A key id or key ARN this store has parsed before (never an alias: those move).
+        known = self._key_ids.get(key_id) if type(key_id) is str else None
+        if known is not None:
+            key = self._catalog.get_key(known)
+            if key is None or key.state is KeyState.PURGING:
+                raise NotFoundException(f"Key '{self._arn(known)}' does not exist")
+        else:
+            text = check_str("keyId", key_id, min_len=1, max_len=2048)
+            is_alias = text.startswith("alias/") or ":alias/" in text
+            if is_alias and not alias_ok:
+                raise NotFoundException(f"Invalid keyId '{text}': use a key id or key ARN, not an alias")
+            if is_alias:
+                alias = text if text.startswith("alias/") else text.split(":", 5)[-1]
+                if chosen.creates_aws_managed and (text == alias or self._scope.resource(text) == alias):
+                    managed.ensure_key(self, call, alias)  # alias/aws/<service>: created on first use
+            key = self._lookup(text)
         managed.refuse_management(self, call, key)  # as AWS refuses it for AWS managed keys
         self._authorize(call, key, chosen, request_alias=alias)
         return key
@@ -649,7 +659,7 @@ class KeyStore:
 
     def _lookup(self, key_id: object) -> KeyRecord:
         """Resolve a key id, key ARN, alias name or alias ARN to its record (any state)."""
-        text = check_str("keyId", key_id, min_len=1, max_len=2048)
+        text = given = check_str("keyId", key_id, min_len=1, max_len=2048)
         if text.startswith("arn:"):
             resource = self._scope.resource(text)
             if resource is None:
@@ -667,6 +677,9 @@ class KeyStore:
             if parsed is None:
                 raise NotFoundException(f"Invalid keyId '{text}'")
             key_uuid = parsed
+            if len(self._key_ids) >= _KEY_IDS_MAX:
+                self._key_ids.clear()
+            self._key_ids[given] = key_uuid
         key = self._catalog.get_key(key_uuid)
         if key is None or key.state is KeyState.PURGING:
             raise NotFoundException(f"Key '{self._arn(key_uuid)}' does not exist")
@@ -748,18 +761,18 @@ class KeyStore:
         a spent version is retired and the key rotated first (_retire_spent_version).
         """
         for _ in range(3):
-            if self._gcm_budget.take(KeyVersionRef(key.key_uuid, key.current_version)):
+            ref = KeyVersionRef(key.key_uuid, key.current_version)  # one per call: budget and HSM
+            if self._gcm_budget.take(ref):
                 break
             key = self._retire_spent_version(call, key)
         else:  # rotated, and the new version was spent too: only with absurd limits
             raise KMSInternalException(f"no AES-GCM budget left for {self._arn(key.key_uuid)}")
-        version = key.current_version
         iv = self._ivs.take()
-        header = ciphertext.header(key.key_uuid, version, iv)
+        header = ciphertext.header(ref.key_uuid, ref.version, iv)
         body = self._hsm.encrypt_aes_gcm(
-            KeyVersionRef(key.key_uuid, version), iv, header + ciphertext.canonical_context(context), plaintext
+            ref, iv, header + ciphertext.canonical_context(context) if context else header, plaintext
         )
-        call.used(self._arn(key.key_uuid), version)
+        call.used(self._arn(ref.key_uuid), ref.version)
         return header + body
 
     def _retire_spent_version(self, call: Call, key: KeyRecord) -> KeyRecord:
@@ -886,7 +899,14 @@ class KeyStore:
         purged = [str(key.key_uuid) for key in self._catalog.keys_due_purge(now) if self._purge(key)]
         expire_material(self)
         self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
-        return MaintenanceReport(tuple(rotated), tuple(purged))
+        swept: tuple[str, ...] = ()
+        if self._next_sweep is None or now >= self._next_sweep:
+            # The sweeper: objects left by a create or rotation that died between the HSM
+            # write and the catalog commit (on any instance) are destroyed once they have
+            # been orphans for the grace period. A token scan: not on every run.
+            self._next_sweep = now + self._doctor_grace / 2
+            swept = tuple(ref.label for ref in self.doctor(fix=True).destroyed)
+        return MaintenanceReport(tuple(rotated), tuple(purged), swept)
 
     def hold_maintenance_lease(self, holder: str, seconds: float) -> bool:
         """Take or renew the catalog's maintenance lease for ``holder`` for ``seconds``;

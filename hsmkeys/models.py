@@ -293,6 +293,7 @@ class CancelKeyDeletionResult:
 class MaintenanceReport:
     rotated: tuple[str, ...]  # key ids rotated automatically
     purged: tuple[str, ...]  # key ids purged
+    swept: tuple[str, ...] = ()  # labels of orphan HSM objects destroyed (crashed creates)
 
 
 # ------------------------------------------------ asymmetric and HMAC results

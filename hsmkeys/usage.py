@@ -27,7 +27,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -69,37 +69,41 @@ COUNTED_OPERATIONS = TRACKED_OPERATIONS | {"GetPublicKey", "GenerateRandom"}
 #: Hours in AWS's billing month (730 = 24 * 365 / 12): a key-month is a key for 730 hours.
 HOURS_PER_MONTH = Decimal(730)
 _HOUR = 3600
+_ONE_HOUR = timedelta(hours=1)
 UNTAGGED = "(untagged)"
 NO_ALIAS = "(no alias)"
 NO_KEY = "(no key)"
 GROUPINGS = ("key", "alias", "account", "operation")
 
 
-def _key_uuid(arn: str) -> str:
-    return arn[arn.rfind("/") + 1 :]
-
-
 class UsageRecorder:
     """In-memory counters of one KeyStore; thread-safe, O(1) per request."""
 
-    __slots__ = ("_counts", "_last", "_lock")
+    __slots__ = ("_counts", "_hour", "_last", "_lock")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # (hour number since the epoch, key uuid text or "", operation, account) -> count
         self._counts: dict[tuple[int, str, str, str], int] = {}
         self._last: dict[str, tuple[str, datetime, str]] = {}  # key uuid text -> (op, time, request id)
+        # The hour of the last request: (its start, its end, its number); a comparison per
+        # request instead of a timestamp conversion.
+        self._hour: tuple[datetime, datetime, int] | None = None
 
     def record(self, operation: str, key_arns: list[str], account: str, when: datetime, request_id: str) -> None:
         """Count one successful request of a counted operation (callers check the set)."""
-        hour = int(when.timestamp()) // _HOUR
-        counted = _key_uuid(key_arns[-1]) if key_arns else ""
-        entry = (hour, counted, operation, account)
+        span = self._hour
+        if span is None or not span[0] <= when < span[1]:
+            hour = int(when.timestamp()) // _HOUR
+            start = datetime.fromtimestamp(hour * _HOUR, UTC)
+            span = self._hour = (start, start + _ONE_HOUR, hour)
+        counted = key_arns[-1][key_arns[-1].rfind("/") + 1 :] if key_arns else ""
+        entry = (span[2], counted, operation, account)
         with self._lock:
             self._counts[entry] = self._counts.get(entry, 0) + 1
             if operation in TRACKED_OPERATIONS:
                 for arn in key_arns:
-                    self._last[_key_uuid(arn)] = (operation, when, request_id)
+                    self._last[arn[arn.rfind("/") + 1 :]] = (operation, when, request_id)
 
     def pending_last_use(self, key_uuid: uuid.UUID) -> KeyLastUse | None:
         """This process's last use of the key not yet flushed, if any."""

@@ -491,11 +491,12 @@ async def _maintenance_loop(keystore: KeyStore, interval: float, leader: _Mainte
                 # Synchronous on the event loop on purpose: HSM calls in one process
                 # must not overlap, and a cancelled loop must not leave a run half done.
                 report = keystore.run_maintenance()
-                if report.rotated or report.purged:
+                if report.rotated or report.purged or report.swept:
                     log.info(
-                        "event=maintenance rotated=%d purged=%d",
+                        "event=maintenance rotated=%d purged=%d swept=%d",
                         len(report.rotated),
                         len(report.purged),
+                        len(report.swept),
                     )
         except Exception as exc:  # keep serving; the next interval retries
             log.error("event=maintenance_failed error=%s", type(exc).__name__)

@@ -46,7 +46,7 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HSMKEYS_", "SOFTHSM2_CONF"))}
 
 
-def write_config(host_dir: Path, shared: Path, dsn: str) -> Path:
+def write_config(host_dir: Path, shared: Path, dsn: str, **extra: Any) -> Path:
     host_dir.mkdir(parents=True, exist_ok=True)
     principals: list[dict[str, Any]] = [
         {"arn": arn, "access_key_id": key_id, "secret_access_key_file": str(shared / f"{key_id}.secret")}
@@ -69,6 +69,7 @@ def write_config(host_dir: Path, shared: Path, dsn: str) -> Path:
         "maintenance_interval_seconds": MAINTENANCE_INTERVAL_S,
         "maintenance_lease_seconds": LEASE_S,
         "principals": principals,
+        **extra,
     }
     path = host_dir / "hsmkeys.yaml"
     path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
@@ -92,6 +93,7 @@ class Instance:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to the child's environment
     _clients: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -107,7 +109,7 @@ class Instance:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hsmkeys", "--config", str(self.config), "serve",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_env() | self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         listening = threading.Event()
         threading.Thread(target=self._collect, args=(listening,), daemon=True).start()

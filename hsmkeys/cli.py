@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -980,17 +981,31 @@ def _cmd_status(cli: _Cli) -> int:
     return EXIT_OK
 
 
+_MAINTAIN_LEASE_SECONDS = 300.0  # longer than any one run; released at the end
+
+
 def _cmd_maintain(cli: _Cli) -> int:
+    """One maintenance run, under the catalog's maintenance lease like a server's loop, so
+    it never runs beside the instance (or host) that holds it."""
+    holder = f"cli:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     with cli.store() as store:
-        report = store.run_maintenance()
+        if not store.hold_maintenance_lease(holder, _MAINTAIN_LEASE_SECONDS):
+            _out("another instance holds the maintenance lease; it does the due work (nothing done)")
+            return EXIT_OK
+        try:
+            report = store.run_maintenance()
+        finally:
+            store.release_maintenance_lease(holder)
     if cli.as_json:
-        _out_json({"rotated": list(report.rotated), "purged": list(report.purged)})
+        _out_json({"rotated": list(report.rotated), "purged": list(report.purged), "swept": list(report.swept)})
         return EXIT_OK
     for key_id in report.rotated:
         _out(f"rotated {key_id}")
     for key_id in report.purged:
         _out(f"purged  {key_id}")
-    if not (report.rotated or report.purged):
+    for label in report.swept:
+        _out(f"swept   {label} (orphan object of a crashed create or rotation)")
+    if not (report.rotated or report.purged or report.swept):
         _out("nothing due")
     return EXIT_OK
 

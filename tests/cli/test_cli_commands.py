@@ -121,7 +121,7 @@ def test_scheduled_deletion_is_purged_by_maintain_after_the_window(
     _error_line(cli("encrypt", "--key-id", key_id, stdin=b"x"), "KMSInvalidStateException")
     assert cli("maintain").text.strip() == "nothing due"
     clock.advance(days=8)
-    assert json.loads(cli("--json", "maintain").out) == {"rotated": [], "purged": [key_id]}
+    assert json.loads(cli("--json", "maintain").out) == {"rotated": [], "purged": [key_id], "swept": []}
     _error_line(cli("keys", "describe", key_id), "NotFoundException")
 
 
@@ -399,3 +399,12 @@ def test_keys_import_puts_known_material_into_an_external_key(cli: RunCli, store
     material.write_bytes(b"short")
     refused = cli("keys", "import", key_id, "--material-file", str(material))
     assert refused.code != 0 and "32 raw bytes" in refused.err and "Traceback" not in refused.err
+
+
+def test_maintain_does_nothing_while_another_instance_holds_the_lease(cli: RunCli, store: KeyStore) -> None:
+    assert store.hold_maintenance_lease("server:other-host:1", 30)
+    busy = cli("maintain")
+    assert busy.code == 0 and "holds the maintenance lease" in busy.text
+    store.release_maintenance_lease("server:other-host:1")
+    assert cli("maintain").text.strip() == "nothing due"
+    assert store.hold_maintenance_lease("server:other-host:1", 30)  # maintain gave the lease back

@@ -464,7 +464,12 @@ class KeyStore:
                 raise
             with contextlib.suppress(AlreadyExistsException):  # another process created it first
                 self._hsm.create_key(AUDIT_KEY_REF, KeySpec.HMAC_256, KeyUsage.GENERATE_VERIFY_MAC)
-                log.info("event=audit_key_created label=%s", AUDIT_KEY_REF.label)
+                log.info(
+                    "event=audit_key_created label=%s note=%s",
+                    AUDIT_KEY_REF.label,
+                    "first start on this token: the HMAC key that signs audit checkpoints was made "
+                    "in the HSM (never extractable); hsmkeys audit verify needs it, so keep the token",
+                )
             return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
 
     def rotate_audit_log(self) -> Path:

@@ -206,7 +206,9 @@ class AuditVerification:
 
 
 def _rfc3339(when: datetime) -> str:
-    utc = when if when.tzinfo is UTC else when.astimezone(UTC)
+    if when.tzinfo is UTC:  # the usual case: isoformat ends "+00:00"
+        return when.isoformat(timespec="microseconds")[:-6] + "Z"
+    utc = when.astimezone(UTC)
     return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
@@ -429,14 +431,14 @@ class AuditLog:
 
     def record(self, event: AuditEvent) -> None:
         """Append ``event``; raises KMSInternalException if it cannot be written (fail closed)."""
-        fields = _event_fields(event)
+        parts = _event_parts(event)
         with self._lock:
             self._check_open()
             try:
                 fd, tail = self._acquire()
                 try:
                     batch = _Batch(tail)
-                    self._append(batch, fields)
+                    self._append_event(batch, parts)
                     kind = self._due(batch)
                     if kind is not None:
                         self._append_checkpoint(batch, kind)
@@ -569,7 +571,7 @@ class AuditLog:
                 except FileNotFoundError:
                     pass
                 fd = self._follow(fd, st)
-            return fd, self._sync(fd)
+            return fd, self._sync(fd, st)
         except BaseException:
             fcntl.flock(fd, fcntl.LOCK_UN)
             raise
@@ -597,9 +599,9 @@ class AuditLog:
     def _cache_valid(self, st: os.stat_result) -> bool:
         return self._ident == (st.st_dev, st.st_ino) and self._size == st.st_size
 
-    def _sync(self, fd: int) -> _ChainTail:
-        """The chain tail of the locked file, repairing (with a break marker) if needed."""
-        st = os.fstat(fd)
+    def _sync(self, fd: int, st: os.stat_result) -> _ChainTail:
+        """The chain tail of the locked file (``st``: its fstat, taken under the lock),
+        repairing (with a break marker) if needed."""
         if self._tail is not None and self._expected is None and self._cache_valid(st):
             return self._tail
         found = _read_tail(fd, st.st_size)
@@ -667,6 +669,15 @@ class AuditLog:
     def _append(self, batch: _Batch, fields: dict[str, Any], link: str = "prev") -> None:
         seq = batch.tail.seq + 1
         line = _line({**fields, "seq": seq, link: batch.tail.chain})
+        batch.data += line
+        batch.tail = _ChainTail(seq, _sha256(line), False)
+        batch.unsigned += 1
+
+    def _append_event(self, batch: _Batch, parts: tuple[str, str, str]) -> None:
+        """An event line: :func:`_event_parts` around its seq and prev (as :meth:`_append`)."""
+        seq = batch.tail.seq + 1
+        head, middle, end = parts
+        line = f'{head}"prev":"{batch.tail.chain}",{middle}"seq":{seq},{end}\n'.encode("ascii")
         batch.data += line
         batch.tail = _ChainTail(seq, _sha256(line), False)
         batch.unsigned += 1
@@ -864,6 +875,30 @@ class AuditLog:
         self._dirty_since = None
         self._unsigned = 0
         self._drop_fd()
+
+
+_json_text = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps uses
+
+
+def _json_opt(value: str | int | None) -> str:
+    if value is None:
+        return "null"
+    return _json_text(value) if isinstance(value, str) else str(int(value))
+
+
+def _event_parts(event: AuditEvent) -> tuple[str, str, str]:
+    """The event's line, byte for byte as ``_line({**_event_fields(event), "seq": n,
+    "prev": chain})`` writes it, cut where "prev" and "seq" go (keys sort around them)."""
+    arns = ",".join(_json_text(a) for a in event.key_arns)
+    head = (
+        f'{{"count":{_json_opt(event.count)},"decision":{_json_opt(event.decision)},'
+        f'"key_arns":[{arns}],"key_version":{_json_opt(event.key_version)},'
+        f'"operation":{_json_text(event.operation)},"outcome":{_json_text(event.outcome)},'
+        f'"phase":{_json_text(event.phase)},'
+    )
+    middle = f'"principal":{_json_opt(event.principal)},"request_id":{_json_text(event.request_id)},'
+    end = f'"source":{_json_opt(event.source)},"time":{_json_text(_rfc3339(event.time))}}}'
+    return head, middle, end
 
 
 def _event_fields(event: AuditEvent) -> dict[str, Any]:

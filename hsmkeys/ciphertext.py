@@ -11,6 +11,7 @@ AAD = header (33 bytes) || canonical(encryption context).
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 from collections.abc import Mapping
@@ -56,7 +57,12 @@ def unpack(data: bytes) -> Blob:
     _, raw_uuid, version, iv = _HEADER.unpack_from(data)
     if version < 1:
         raise InvalidCiphertextException(INVALID_CIPHERTEXT)
-    return Blob(uuid.UUID(bytes=raw_uuid), version, iv, data[HEADER_LEN:])
+    return Blob(_uuid_from_bytes(raw_uuid), version, iv, data[HEADER_LEN:])
+
+
+@functools.lru_cache(maxsize=8192)  # on every Decrypt's path; a few keys seal most blobs
+def _uuid_from_bytes(raw: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=raw)
 
 
 def canonical_context(context: Mapping[str, str] | None) -> bytes:

@@ -880,9 +880,10 @@ class KeyStore:
 
             raise dry_run_error(call.op.name)
         ref = KeyVersionRef(key.key_uuid, blob.version)
+        header = blob_bytes[: ciphertext.HEADER_LEN]  # == blob.header: unpack checked the format
         try:
             plaintext = self._hsm.decrypt_aes_gcm(
-                ref, blob.iv, blob.header + ciphertext.canonical_context(context), blob.body
+                ref, blob.iv, header + ciphertext.canonical_context(context) if context else header, blob.body
             )
         except NotFoundException:
             raise KMSInternalException(f"key material of {ref.label} is missing from the HSM") from None

@@ -111,6 +111,16 @@ class KeyVersionRef:
     key_uuid: uuid.UUID
     version: int
 
+    # The generated ones go through uuid.UUID's Python __hash__/__eq__; refs are dict
+    # keys on every call's path (handle cache, GCM budget). Same equality, cheaper.
+    def __hash__(self) -> int:
+        return hash((self.key_uuid.int, self.version))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyVersionRef):
+            return self.version == other.version and self.key_uuid.int == other.key_uuid.int
+        return NotImplemented
+
     @property
     def label(self) -> str:
         return f"hsmkeys/{self.key_uuid}/v{self.version}"

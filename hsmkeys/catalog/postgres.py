@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -59,6 +58,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from hsmkeys.catalog import rows
 from hsmkeys.catalog.base import (
     AliasRecord,
     AuditCheckpoint,
@@ -77,13 +77,8 @@ from hsmkeys.errors import (
     NotFoundException,
 )
 from hsmkeys.models import (
-    KeyManager,
-    KeySpec,
     KeyState,
-    KeyUsage,
     KeyVersionRef,
-    Origin,
-    RotationType,
 )
 
 _log = logging.getLogger(__name__)
@@ -239,11 +234,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_KEY_COLUMNS = (
-    "uuid, spec, usage, origin, state, description, created_at, current_version, "
-    "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy, "
-    "valid_to, expiration_model, material_fingerprint, key_manager"
-)
+_KEY_COLUMNS = rows.KEY_COLUMNS
 _GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = %s"
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join(['%s'] * 17)})"
 _UPDATE_KEY = (
@@ -264,23 +255,18 @@ _DUE_PURGE = (
     f"SELECT {_KEY_COLUMNS} FROM keys WHERE (state = %s AND deletion_date <= %s) OR state = %s "
     "ORDER BY deletion_date NULLS FIRST, uuid"
 )
-_VERSION_COLUMNS = "uuid, version, created_at, rotation_type"
-_ALIAS_COLUMNS = "name, uuid, created_at, updated_at"
-_GRANT_COLUMNS = (
-    "grant_id, uuid, token, name, grantee_principal, retiring_principal, operations, "
-    "constraints, issuing_account, created_at"
-)
+_VERSION_COLUMNS = rows.VERSION_COLUMNS
+_ALIAS_COLUMNS = rows.ALIAS_COLUMNS
+_GRANT_COLUMNS = rows.GRANT_COLUMNS
 _SELECT_GRANTS = f"SELECT {_GRANT_COLUMNS} FROM grants"
-_CHECKPOINT_COLUMNS = "log_id, seq, chain_hash, mac, file_name, time"
-_EQUALS = "EncryptionContextEquals"
-_SUBSET = "EncryptionContextSubset"
+_CHECKPOINT_COLUMNS = rows.CHECKPOINT_COLUMNS
 
-_SPECS = {m.value: m for m in KeySpec}
-_USAGES = {m.value: m for m in KeyUsage}
-_ORIGINS = {m.value: m for m in Origin}
-_STATES = {m.value: m for m in KeyState}
-_ROTATION_TYPES = {m.value: m for m in RotationType}
-_KEY_MANAGERS = {m.value: m for m in KeyManager}
+_SPECS = rows.SPECS
+_USAGES = rows.USAGES
+_ORIGINS = rows.ORIGINS
+_STATES = rows.STATES
+_ROTATION_TYPES = rows.ROTATION_TYPES
+_KEY_MANAGERS = rows.KEY_MANAGERS
 
 #: SQLSTATEs that mean "another transaction got in the way: try again".
 _BUSY = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable)
@@ -292,123 +278,27 @@ def _aware(when: datetime) -> datetime:
     return when
 
 
-def _aware_or_none(when: datetime | None) -> datetime | None:
-    return None if when is None else _aware(when)
+def _same(value: Any) -> Any:
+    return value
 
 
-def _key_from_row(row: Any) -> KeyRecord:
-    return KeyRecord(
-        key_uuid=row[0],
-        spec=_SPECS[row[1]],
-        usage=_USAGES[row[2]],
-        origin=_ORIGINS[row[3]],
-        state=_STATES[row[4]],
-        description=row[5],
-        created_at=row[6],
-        current_version=row[7],
-        rotation_period_days=row[8],
-        next_rotation_at=row[9],
-        deletion_date=row[10],
-        pending_window_days=row[11],
-        policy=row[12],
-        valid_to=row[13],
-        expiration_model=row[14],
-        material_fingerprint=row[15],
-        key_manager=_KEY_MANAGERS[row[16]],
-    )
-
-
-def _key_values(key: KeyRecord) -> tuple[object, ...]:
-    """Every column but uuid, in _UPDATE_KEY order."""
-    return (
-        key.spec.value,
-        key.usage.value,
-        key.origin.value,
-        key.state.value,
-        key.description,
-        _aware(key.created_at),
-        key.current_version,
-        key.rotation_period_days,
-        _aware_or_none(key.next_rotation_at),
-        _aware_or_none(key.deletion_date),
-        key.pending_window_days,
-        key.policy,
-        _aware_or_none(key.valid_to),
-        key.expiration_model,
-        key.material_fingerprint,
-        key.key_manager.value,
-    )
-
-
-def _version_from_row(row: Any) -> VersionRecord:
-    return VersionRecord(
-        key_uuid=row[0],
-        version=row[1],
-        created_at=row[2],
-        rotation_type=None if row[3] is None else _ROTATION_TYPES[row[3]],
-    )
-
-
-def _alias_from_row(row: Any) -> AliasRecord:
-    return AliasRecord(name=row[0], key_uuid=row[1], created_at=row[2], updated_at=row[3])
-
-
-def _grant_values(grant: GrantRecord) -> tuple[object, ...]:
-    constraints: dict[str, dict[str, str]] = {}
-    if grant.encryption_context_equals is not None:
-        constraints[_EQUALS] = dict(grant.encryption_context_equals)
-    if grant.encryption_context_subset is not None:
-        constraints[_SUBSET] = dict(grant.encryption_context_subset)
-    return (
-        grant.grant_id,
-        grant.key_uuid,
-        grant.token,
-        grant.name,
-        grant.grantee_principal,
-        grant.retiring_principal,
-        list(grant.operations),
-        Jsonb(constraints) if constraints else None,
-        grant.issuing_account,
-        _aware(grant.created_at),
-    )
-
-
-def _read_only(value: Any) -> Mapping[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ValueError("grant constraint is not a string map")
-    return MappingProxyType(value)  # the dict is private to this record
-
-
-def _grant_from_row(row: Any) -> GrantRecord:
-    operations = row[6]
-    if not isinstance(operations, list) or not all(isinstance(op, str) for op in operations):
-        raise ValueError("grant operations are not a list of names")
-    constraints = {} if row[7] is None else row[7]
-    if not isinstance(constraints, dict):
-        raise ValueError("grant constraints are not an object")
-    return GrantRecord(
-        grant_id=row[0],
-        key_uuid=row[1],
-        token=row[2],
-        name=row[3],
-        grantee_principal=row[4],
-        retiring_principal=row[5],
-        operations=tuple(operations),
-        encryption_context_equals=_read_only(constraints.get(_EQUALS)),
-        encryption_context_subset=_read_only(constraints.get(_SUBSET)),
-        issuing_account=row[8],
-        created_at=row[9],
-    )
-
-
-def _checkpoint_from_row(row: Any) -> AuditCheckpoint:
-    return AuditCheckpoint(
-        log_id=row[0], sequence=row[1], chain_hash=row[2], mac=row[3], file_name=row[4], time=row[5]
-    )
+_CODEC = rows.RowCodec(
+    uuid_in=_same,  # psycopg reads uuid, timestamptz and jsonb as Python values
+    uuid_out=_same,
+    time_in=_same,
+    time_out=_aware,
+    json_in=_same,
+    json_out=Jsonb,
+    list_in=_same,
+    list_out=_same,
+)
+_key_from_row = _CODEC.key
+_key_values = _CODEC.key_values
+_version_from_row = _CODEC.version
+_alias_from_row = _CODEC.alias
+_grant_values = _CODEC.grant_values
+_grant_from_row = _CODEC.grant
+_checkpoint_from_row = _CODEC.checkpoint
 
 
 def _internal(operation: str, exc: BaseException) -> KMSInternalException:

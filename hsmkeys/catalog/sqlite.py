@@ -41,9 +41,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
+from hsmkeys.catalog import rows
 from hsmkeys.catalog.base import (
     AliasRecord,
     AuditCheckpoint,
@@ -61,13 +61,8 @@ from hsmkeys.errors import (
     NotFoundException,
 )
 from hsmkeys.models import (
-    KeyManager,
-    KeySpec,
     KeyState,
-    KeyUsage,
     KeyVersionRef,
-    Origin,
-    RotationType,
 )
 
 _log = logging.getLogger(__name__)
@@ -218,11 +213,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_KEY_COLUMNS = (
-    "uuid, spec, usage, origin, state, description, created_at, current_version, "
-    "rotation_period_days, next_rotation_at, deletion_date, pending_window_days, policy, "
-    "valid_to, expiration_model, material_fingerprint, key_manager"
-)
+_KEY_COLUMNS = rows.KEY_COLUMNS
 _GET_KEY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE uuid = ?"
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 _UPDATE_KEY = (
@@ -250,26 +241,20 @@ _DUE_PURGE = (
 _INSERT_VERSION = (
     "INSERT INTO key_versions (uuid, version, created_at, rotation_type) VALUES (?, ?, ?, ?)"
 )
-_ALIAS_COLUMNS = "name, uuid, created_at, updated_at"
-_GRANT_COLUMNS = (
-    "grant_id, uuid, token, name, grantee_principal, retiring_principal, operations, "
-    "constraints, issuing_account, created_at"
-)
+_ALIAS_COLUMNS = rows.ALIAS_COLUMNS
+_GRANT_COLUMNS = rows.GRANT_COLUMNS
 _SELECT_GRANTS = f"SELECT {_GRANT_COLUMNS} FROM grants"
-_CHECKPOINT_COLUMNS = "log_id, seq, chain_hash, mac, file_name, time"
-_EQUALS = "EncryptionContextEquals"
-_SUBSET = "EncryptionContextSubset"
+_CHECKPOINT_COLUMNS = rows.CHECKPOINT_COLUMNS
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
-# Dict lookups are several times cheaper than Enum(value) on the get_key hot path.
-_SPECS = {m.value: m for m in KeySpec}
-_USAGES = {m.value: m for m in KeyUsage}
-_ORIGINS = {m.value: m for m in Origin}
-_STATES = {m.value: m for m in KeyState}
-_ROTATION_TYPES = {m.value: m for m in RotationType}
-_KEY_MANAGERS = {m.value: m for m in KeyManager}
+_SPECS = rows.SPECS
+_USAGES = rows.USAGES
+_ORIGINS = rows.ORIGINS
+_STATES = rows.STATES
+_ROTATION_TYPES = rows.ROTATION_TYPES
+_KEY_MANAGERS = rows.KEY_MANAGERS
 
 _ALREADY_EXISTS = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -284,10 +269,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _to_us_or_none(when: datetime | None) -> int | None:
-    return None if when is None else _to_us(when)
-
-
 def _from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
@@ -296,129 +277,23 @@ def _from_us_or_none(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-def _key_from_row(row: Any, key_uuid: uuid.UUID | None = None) -> KeyRecord:
-    return KeyRecord(
-        key_uuid=key_uuid if key_uuid is not None else uuid.UUID(row[0]),
-        spec=_SPECS[row[1]],
-        usage=_USAGES[row[2]],
-        origin=_ORIGINS[row[3]],
-        state=_STATES[row[4]],
-        description=row[5],
-        created_at=_EPOCH + timedelta(microseconds=row[6]),
-        current_version=row[7],
-        rotation_period_days=row[8],
-        next_rotation_at=_from_us_or_none(row[9]),
-        deletion_date=_from_us_or_none(row[10]),
-        pending_window_days=row[11],
-        policy=row[12],
-        valid_to=_from_us_or_none(row[13]),
-        expiration_model=row[14],
-        material_fingerprint=row[15],
-        key_manager=_KEY_MANAGERS[row[16]],
-    )
-
-
-def _key_values(key: KeyRecord) -> tuple[object, ...]:
-    """Every column but uuid, in _UPDATE_KEY order."""
-    return (
-        key.spec.value,
-        key.usage.value,
-        key.origin.value,
-        key.state.value,
-        key.description,
-        _to_us(key.created_at),
-        key.current_version,
-        key.rotation_period_days,
-        _to_us_or_none(key.next_rotation_at),
-        _to_us_or_none(key.deletion_date),
-        key.pending_window_days,
-        key.policy,
-        _to_us_or_none(key.valid_to),
-        key.expiration_model,
-        key.material_fingerprint,
-        key.key_manager.value,
-    )
-
-
-def _version_from_row(row: Any) -> VersionRecord:
-    return VersionRecord(
-        key_uuid=uuid.UUID(row[0]),
-        version=row[1],
-        created_at=_from_us(row[2]),
-        rotation_type=None if row[3] is None else _ROTATION_TYPES[row[3]],
-    )
-
-
-def _alias_from_row(row: Any) -> AliasRecord:
-    return AliasRecord(
-        name=row[0],
-        key_uuid=uuid.UUID(row[1]),
-        created_at=_from_us(row[2]),
-        updated_at=_from_us(row[3]),
-    )
-
-
-def _grant_values(grant: GrantRecord) -> tuple[object, ...]:
-    constraints: dict[str, dict[str, str]] = {}
-    if grant.encryption_context_equals is not None:
-        constraints[_EQUALS] = dict(grant.encryption_context_equals)
-    if grant.encryption_context_subset is not None:
-        constraints[_SUBSET] = dict(grant.encryption_context_subset)
-    return (
-        grant.grant_id,
-        str(grant.key_uuid),
-        grant.token,
-        grant.name,
-        grant.grantee_principal,
-        grant.retiring_principal,
-        json.dumps(list(grant.operations)),
-        json.dumps(constraints, sort_keys=True) if constraints else None,
-        grant.issuing_account,
-        _to_us(grant.created_at),
-    )
-
-
-def _read_only(value: Any) -> Mapping[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ValueError("grant constraint is not a string map")
-    return MappingProxyType(value)  # the dict is private to this record
-
-
-def _grant_from_row(row: Any) -> GrantRecord:
-    operations = json.loads(row[6])
-    if not isinstance(operations, list) or not all(isinstance(op, str) for op in operations):
-        raise ValueError("grant operations are not a list of names")
-    constraints = {} if row[7] is None else json.loads(row[7])
-    if not isinstance(constraints, dict):
-        raise ValueError("grant constraints are not an object")
-    return GrantRecord(
-        grant_id=row[0],
-        key_uuid=uuid.UUID(row[1]),
-        token=row[2],
-        name=row[3],
-        grantee_principal=row[4],
-        retiring_principal=row[5],
-        operations=tuple(operations),
-        encryption_context_equals=_read_only(constraints.get(_EQUALS)),
-        encryption_context_subset=_read_only(constraints.get(_SUBSET)),
-        issuing_account=row[8],
-        created_at=_from_us(row[9]),
-    )
-
-
-def _checkpoint_from_row(row: Any) -> AuditCheckpoint:
-    return AuditCheckpoint(
-        log_id=row[0],
-        sequence=row[1],
-        chain_hash=row[2],
-        mac=row[3],
-        file_name=row[4],
-        time=_from_us(row[5]),
-    )
+_CODEC = rows.RowCodec(
+    uuid_in=uuid.UUID,
+    uuid_out=str,
+    time_in=_from_us,
+    time_out=_to_us,
+    json_in=json.loads,
+    json_out=lambda value: json.dumps(value, sort_keys=True),
+    list_in=json.loads,
+    list_out=json.dumps,
+)
+_key_from_row = _CODEC.key
+_key_values = _CODEC.key_values
+_version_from_row = _CODEC.version
+_alias_from_row = _CODEC.alias
+_grant_values = _CODEC.grant_values
+_grant_from_row = _CODEC.grant
+_checkpoint_from_row = _CODEC.checkpoint
 
 
 def _internal(operation: str, exc: BaseException) -> KMSInternalException:

@@ -317,6 +317,7 @@ class _KeyObjects:
     private: Object | None = None
     public: Object | None = None
     duplicate: bool = False
+    modulus_len: int | None = None  # RSA: read once (an attribute read is a PKCS#11 call)
 
     def add(self, obj: Object) -> None:
         cls = obj.object_class
@@ -420,7 +421,8 @@ class Pkcs11Hsm:
         session when ``retry`` (idempotent operations); otherwise, or if that fails
         too, the request gets KMSInternalException and the next one opens a new session.
         """
-        if not _LOCK.acquire(timeout=self._lock_timeout):
+        # Uncontended (the usual case): the non-blocking try is the cheaper call.
+        if not (_LOCK.acquire(False) or _LOCK.acquire(timeout=self._lock_timeout)):
             log.error("hsm_lock_timeout operation=%s timeout_s=%s", what, self._lock_timeout)
             raise DependencyTimeoutException(
                 f"the HSM did not answer within {self._lock_timeout:g} s ({what}); retry later"
@@ -781,7 +783,9 @@ class Pkcs11Hsm:
             key = objects.private
             if not isinstance(key, DecryptMixin) or key.key_type is not KeyType.RSA:
                 raise InvalidCiphertextException(INVALID_CIPHERTEXT)
-            k = len(key[Attribute.MODULUS])
+            k = objects.modulus_len
+            if k is None:
+                k = objects.modulus_len = len(key[Attribute.MODULUS])
             if len(ciphertext) != k:
                 raise InvalidCiphertextException(INVALID_CIPHERTEXT)
             if info is _SHA1:

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hsmkeys.audit import (
     AuditEvent,
     AuditLog,
     AuditVerification,
+    _event_fields,
+    _event_parts,
+    _line,
     audit_log_files,
     verify_audit_logs,
 )
@@ -420,3 +425,46 @@ def test_a_failing_checkpoint_store_does_not_fail_the_record(log_path: Path) -> 
     with AuditLog(log_path, hmac_sha256, checkpoints=Broken(), checkpoint_seconds=1e-9) as log:
         log.record(event(1))
     assert verify([log_path]).ok
+
+
+_text = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
+
+
+@given(
+    request_id=_text,
+    principal=st.none() | _text,
+    operation=_text,
+    key_arns=st.lists(_text, max_size=3),
+    key_version=st.none() | st.integers(min_value=0, max_value=2**32),
+    outcome=_text,
+    decision=st.none() | _text,
+    source=st.none() | _text,
+    count=st.none() | st.integers(min_value=0, max_value=10**9),
+    phase=st.sampled_from(["intent", "done"]),
+    offset_minutes=st.sampled_from([None, 0, 120, -330]),
+    seq=st.integers(min_value=1, max_value=2**40),
+)
+def test_event_line_template_writes_the_canonical_json_line(
+    request_id: str,
+    principal: str | None,
+    operation: str,
+    key_arns: list[str],
+    key_version: int | None,
+    outcome: str,
+    decision: str | None,
+    source: str | None,
+    count: int | None,
+    phase: str,
+    offset_minutes: int | None,
+    seq: int,
+) -> None:
+    tz = UTC if offset_minutes is None else timezone(timedelta(minutes=offset_minutes))
+    ev = AuditEvent(
+        time=T0.astimezone(tz), request_id=request_id, principal=principal, operation=operation, phase=phase,
+        key_arns=tuple(key_arns), key_version=key_version, outcome=outcome, decision=decision, source=source,
+        count=count,
+    )
+    head, middle, end = _event_parts(ev)
+    chain = "ab" * 32
+    templated = f'{head}"prev":"{chain}",{middle}"seq":{seq},{end}\n'.encode("ascii")
+    assert templated == _line({**_event_fields(ev), "seq": seq, "prev": chain})

@@ -877,7 +877,7 @@ class AuditLog:
         self._drop_fd()
 
 
-_json_text = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps uses
+_json_text = json.encoder.encode_basestring_ascii  # what json.dumps uses (C)
 
 
 def _json_opt(value: str | int | None) -> str:

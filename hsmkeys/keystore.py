@@ -907,11 +907,13 @@ class KeyStore:
         self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
         swept: tuple[str, ...] = ()
         if self._next_sweep is None or now >= self._next_sweep:
-            # The sweeper: objects left by a create or rotation that died between the HSM
-            # write and the catalog commit (on any instance) are destroyed once they have
-            # been orphans for the grace period. A token scan: not on every run.
+            # The sweeper: a version object left by a rotation that died between the HSM
+            # write and the catalog commit (on any instance) is destroyed once it has been
+            # an orphan for the grace period. Objects of keys the catalog does not know
+            # (a crashed CreateKey, or another deployment sharing the token) are left to an
+            # operator's `hsmkeys doctor --fix`. A token scan: not on every run.
             self._next_sweep = now + self._doctor_grace / 2
-            swept = tuple(ref.label for ref in self.doctor(fix=True).destroyed)
+            swept = tuple(ref.label for ref in self.doctor(fix=True, known_keys_only=True).destroyed)
         return MaintenanceReport(tuple(rotated), tuple(purged), swept)
 
     def hold_maintenance_lease(self, holder: str, seconds: float) -> bool:
@@ -946,7 +948,7 @@ class KeyStore:
         self._catalog.delete_key(key.key_uuid)
         return True
 
-    def doctor(self, *, fix: bool = False) -> DoctorReport:
+    def doctor(self, *, fix: bool = False, known_keys_only: bool = False) -> DoctorReport:
         """Compare the HSM with the catalog; with ``fix``, destroy orphans and finish purges.
 
         A create or rotation makes its HSM object before its row commits, so an object
@@ -978,6 +980,10 @@ class KeyStore:
             [ref.label for ref in orphans] + [wrapping_label(ref) for ref in wrapping], now
         )
         ripe = tuple(ref for ref in orphans if seen[ref.label] <= now - self._doctor_grace)
+        if known_keys_only:
+            # Only versions of keys this catalog knows (a crashed rotation's object): an
+            # object of an unknown key may belong to another deployment on a shared token.
+            ripe = tuple(ref for ref in ripe if self._catalog.get_key(ref.key_uuid) is not None)
         stale = tuple(
             sorted((r for r in wrapping if seen[wrapping_label(r)] <= now - TOKEN_LIFETIME), key=_ref_order)
         )
@@ -1018,6 +1024,24 @@ class KeyStore:
         number of key versions found.
         """
         return len(self._hsm.list_key_refs())
+
+    def start_indexing(self) -> bool:
+        """Start indexing this process's HSM objects in a background thread and return at once.
+
+        A server worker calls this instead of :meth:`preload`, so it answers at once on a
+        big token (a full pass takes seconds at 10,000 keys): until the index is built a
+        miss costs one search by CKA_ID (0.1-0.4 s at that size). False if the HSM backend
+        cannot (then misses build the index as before).
+        """
+        return self._hsm.start_indexing()
+
+    def use_own_hsm_session(self) -> bool:
+        """Give the calling thread an HSM session of its own, so its calls (a key generation
+        of seconds) do not wait for, or hold up, other threads'; see Hsm.use_own_session.
+
+        Everything else the KeyStore shares between threads (catalog, audit log, caches)
+        is thread-safe."""
+        return self._hsm.use_own_session()
 
     def status(self) -> StoreStatus:
         hsm = self._hsm.status()
@@ -1102,6 +1126,11 @@ class _RequestIds:
 
 
 _request_ids = _RequestIds()
+
+
+def new_request_id() -> str:
+    """A request id unique across processes (the server's ids come from here too)."""
+    return _request_ids.next()
 
 
 def principals_from_settings(settings: Settings) -> dict[str, Principal]:

@@ -3,7 +3,9 @@
 Each :class:`Operation` names the KMS operation, the function implementing it (in
 :mod:`hsmkeys.ops`), the request members that name keys with the ``kms:`` action
 each is authorized for, whether it changes state (state changes write their audit
-intent line before any effect), and the condition keys its request members supply.
+intent line before any effect), the condition keys its request members supply, and
+whether it is ``slow`` (can keep the HSM busy for seconds: key generation, RSA
+wrapping pairs), which the server runs off its event loop on an HSM session of its own.
 
 The server serves exactly the operations in :data:`OPERATIONS`; the KeyStore's
 public methods are these entries (an :class:`Operation` is a descriptor: reading
@@ -61,7 +63,7 @@ class KeyRole:
 class Operation(Generic[P, R]):
     """One KMS operation; as a class attribute of KeyStore, its public method."""
 
-    __slots__ = ("action", "attr", "conditions", "impl", "keyless_role", "keys", "mutating", "name")
+    __slots__ = ("action", "attr", "conditions", "impl", "keyless_role", "keys", "mutating", "name", "slow")
 
     def __init__(
         self,
@@ -72,9 +74,11 @@ class Operation(Generic[P, R]):
         keys: tuple[KeyRole, ...] = (),
         mutating: bool = False,
         conditions: tuple[tuple[str, str], ...] = (),
+        slow: bool = False,
     ) -> None:
         self.name = name
         self.impl = impl
+        self.slow = slow  # seconds of HSM work (key generation): served off the event loop
         self.action = action or f"kms:{name}"
         self.keys = keys  # empty: the operation names no key (decided by identity policy on "*")
         self.mutating = mutating
@@ -148,6 +152,7 @@ def _keyed(
     context: str | None = None,
     conditions: tuple[tuple[str, str], ...] = (),
     creates_aws_managed: bool = False,
+    slow: bool = False,
 ) -> Operation[P, R]:
     action = f"kms:{name}"
     return Operation(
@@ -156,6 +161,7 @@ def _keyed(
         keys=(_role(action, grant=grant, context=context, creates_aws_managed=creates_aws_managed),),
         mutating=mutating,
         conditions=conditions,
+        slow=slow,
     )
 
 
@@ -164,6 +170,7 @@ CREATE_KEY = Operation(
     "CreateKey",
     keys.create_key,
     mutating=True,
+    slow=True,  # RSA-4096 generation: ~1.7 s
     conditions=(
         ("key_spec", "kms:KeySpec"),
         ("customer_master_key_spec", "kms:KeySpec"),
@@ -266,6 +273,7 @@ GENERATE_DATA_KEY_PAIR = _keyed(
     context=_ENC,
     conditions=(("key_pair_spec", "kms:DataKeyPairSpec"),),
     creates_aws_managed=True,
+    slow=True,
 )
 GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT = _keyed(
     "GenerateDataKeyPairWithoutPlaintext",
@@ -274,6 +282,7 @@ GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT = _keyed(
     context=_ENC,
     conditions=(("key_pair_spec", "kms:DataKeyPairSpec"),),
     creates_aws_managed=True,
+    slow=True,
 )
 DERIVE_SHARED_SECRET = _keyed(
     "DeriveSharedSecret",
@@ -291,7 +300,7 @@ ENABLE_KEY_ROTATION = _keyed(
 )
 DISABLE_KEY_ROTATION = _keyed("DisableKeyRotation", rotation.disable_key_rotation, mutating=True)
 GET_KEY_ROTATION_STATUS = _keyed("GetKeyRotationStatus", rotation.get_key_rotation_status)
-ROTATE_KEY_ON_DEMAND = _keyed("RotateKeyOnDemand", rotation.rotate_key_on_demand, mutating=True)
+ROTATE_KEY_ON_DEMAND = _keyed("RotateKeyOnDemand", rotation.rotate_key_on_demand, mutating=True, slow=True)
 LIST_KEY_ROTATIONS = _keyed("ListKeyRotations", rotation.list_key_rotations)
 
 # ---------------------------------------------------------------- key usage
@@ -332,12 +341,14 @@ GET_PARAMETERS_FOR_IMPORT = _keyed(
     imports.get_parameters_for_import,
     mutating=True,  # makes a wrapping key pair in the HSM
     conditions=(("wrapping_algorithm", "kms:WrappingAlgorithm"), ("wrapping_key_spec", "kms:WrappingKeySpec")),
+    slow=True,  # RSA-4096 wrapping pairs
 )
 IMPORT_KEY_MATERIAL = _keyed(
     "ImportKeyMaterial",
     imports.import_key_material,
     mutating=True,
     conditions=(("expiration_model", "kms:ExpirationModel"), ("valid_to", "kms:ValidTo")),
+    slow=True,  # several unwraps, an EC public key recovered by signatures
 )
 DELETE_IMPORTED_KEY_MATERIAL = _keyed(
     "DeleteImportedKeyMaterial", imports.delete_imported_key_material, mutating=True

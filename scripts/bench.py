@@ -5,6 +5,8 @@ absolute target (the machine is shared and swings +-30% between runs):
 
   encrypt_vs_raw             KeyStore.encrypt (32 B, no context) / raw python-pkcs11 AES-GCM on
                              the same token object (HSM random IV + encrypt, 33-byte AAD)
+  decrypt_vs_raw             KeyStore.decrypt of one blob / raw python-pkcs11 AES-GCM decrypt of it
+  encrypt_audited_vs_raw     KeyStore.encrypt with an audit log (chained line per call) / raw
   datakey_vs_raw             generate_data_key(AES_256) / raw (random 32 B + random IV + encrypt)
   sign_rsa2048_vs_raw        sign(RSASSA_PSS_SHA_256, RAW) / raw (SHA-256 here + CKM_RSA_PKCS_PSS)
   sign_p256_vs_raw           sign(ECDSA_SHA_256, RAW) / raw (SHA-256 here + CKM_ECDSA + DER)
@@ -13,8 +15,15 @@ absolute target (the machine is shared and swings +-30% between runs):
                              with encryption-context conditions / the same encrypt with no caller
   encrypt_latency_10k_vs_10  median encrypt latency with --keys keys in the token / with 10,
                              each in FRESH processes (the handle index built as a real process does)
+  server_cpu_per_request_vs_raw
+                             worker CPU time / requests answered (the workers' own counters on
+                             /metrics, read before and after each run), --workers 1, / the raw
+                             python-pkcs11 encrypt time measured between the rounds  [--server]
   server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
-  server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1                        [--server]
+  server_cpu_per_request_2w_vs_1w
+                             worker CPU per request with --workers 2 / with --workers 1   [--server]
+  server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1 req/s (no target: the load
+                             generator shares the 2 cores)                                [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
   pg_vs_sqlite_encrypt       hsmkeys serve Encrypt req/s with a PostgreSQL catalog / with SQLite,
                              same token, same --workers, interleaved rounds   [--multihost]
@@ -93,14 +102,17 @@ SERVER_STOP_TIMEOUT_S = 15.0
 # Ratio name -> (comparison, threshold). ">=" ratios must reach it, "<=" stay under it.
 TARGETS: dict[str, tuple[str, float]] = {
     "encrypt_vs_raw": (">=", 0.85),
+    "decrypt_vs_raw": (">=", 0.85),
+    "encrypt_audited_vs_raw": (">=", 0.7),
     "datakey_vs_raw": (">=", 0.85),
     "encrypt_latency_10k_vs_10": ("<=", 1.2),
-    "sign_rsa2048_vs_raw": (">=", 0.85),
-    "sign_p256_vs_raw": (">=", 0.85),
+    "sign_rsa2048_vs_raw": (">=", 0.9),
+    "sign_p256_vs_raw": (">=", 0.9),
     "encrypt_with_policy_vs_without": (">=", 0.9),
     "envelope_kms_calls_per_1000_messages": ("<=", 10.0),
-    "server_encrypt_vs_moto": (">=", 15.0),
-    "server_2workers_vs_1": (">=", 1.7),
+    "server_cpu_per_request_vs_raw": ("<=", 8.0),
+    "server_encrypt_vs_moto": (">=", 18.0),
+    "server_cpu_per_request_2w_vs_1w": ("<=", 1.1),
 }
 REQUIRED: dict[str, tuple[str, float]] = {"server_encrypt_vs_moto": (">=", 10.0)}
 
@@ -308,7 +320,14 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
     from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
     from pkcs11.mechanisms import GCMParams
 
-    store = _open_keystore(token)
+    from hsmkeys.audit import AuditLog
+    from hsmkeys.keystore import KeyStore
+
+    store, hsm, catalog = _open_keystore_parts(token)
+    # The same HSM session and catalog, with the audit log a configured server writes.
+    audited = KeyStore(hsm=hsm, catalog=catalog)
+    audit_dir = Path(tempfile.mkdtemp(prefix="hsmkeys-bench-audit-"))
+    audited._audit = AuditLog(audit_dir / "audit.log", mac=audited.audit_mac, checkpoints=catalog)
     session = _raw_session(token)
     try:
         key_id = keys.aes[0]
@@ -325,6 +344,17 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
 
         def raw_data_key() -> bytes:
             return raw_encrypt_blob(session.generate_random(256))
+
+        blob = raw_encrypt_blob(PLAINTEXT)
+
+        def raw_decrypt_blob() -> bytes:
+            # What Decrypt must do at least: header checks, then GCM with the header as AAD.
+            if blob[0] != 1 or len(blob) < 49:
+                raise ValueError("bad blob")
+            body: bytes = aes_key.decrypt(
+                blob[33:], mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(blob[21:33], blob[:33], 128)
+            )
+            return body
 
         rsa_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=_label(keys.rsa2048))
         ec_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=_label(keys.p256))
@@ -355,10 +385,23 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
         ):
             store.verify(key_id=kid, message=SIGN_MESSAGE, signature=sig, signing_algorithm=alg)
 
+        assert raw_decrypt_blob() == PLAINTEXT == store.decrypt(ciphertext_blob=blob).plaintext
+
         results: dict[str, Comparison] = {}
         log("library: encrypt")
         results["encrypt"] = _compare(
             lambda: store.encrypt(key_id=key_id, plaintext=PLAINTEXT),
+            lambda: raw_encrypt_blob(PLAINTEXT),
+            rounds,
+            seconds,
+        )
+        log("library: decrypt")
+        results["decrypt"] = _compare(
+            lambda: store.decrypt(ciphertext_blob=blob), raw_decrypt_blob, rounds, seconds
+        )
+        log("library: encrypt with the audit log")
+        results["encrypt_audited"] = _compare(
+            lambda: audited.encrypt(key_id=key_id, plaintext=PLAINTEXT),
             lambda: raw_encrypt_blob(PLAINTEXT),
             rounds,
             seconds,
@@ -399,7 +442,10 @@ def phase_library(token: BenchToken, keys: BenchKeys, rounds: int, seconds: floa
         return {name: asdict(c) for name, c in results.items()}
     finally:
         session.close()
-        store.close()
+        if audited._audit is not None:
+            audited._audit.close()
+        store.close()  # closes the shared HSM session and catalog
+        shutil.rmtree(audit_dir, ignore_errors=True)
 
 
 def phase_audit(token: BenchToken, lines: int) -> dict[str, float]:
@@ -817,7 +863,97 @@ def _create_key_with_boto3(url: str, access_key: str, secret_key: str) -> str:
     return key_id
 
 
-def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
+_CPU_LINE = re.compile(rb"^process_cpu_seconds_total (\S+)$", re.M)
+_REQUESTS_LINE = re.compile(rb"^hsmkeys_requests_total\{[^}]*\} (\d+)$", re.M)
+
+
+def _worker_counters(url: str, workers: int) -> dict[str, tuple[float, int]]:
+    """Each worker's own (CPU seconds, requests answered) from its /metrics page.
+
+    A new connection per scrape lands on whichever worker accepts it: scrape until every
+    worker has answered (RuntimeError if one never does). Scrapes are not counted as
+    requests by the server.
+    """
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    seen: dict[str, tuple[float, int]] = {}
+    for attempt in range(400):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read()
+            worker = response.getheader(loadgen.WORKER_HEADER) or "?"
+        finally:
+            conn.close()
+        if worker not in seen:
+            cpu = _CPU_LINE.search(body)
+            if cpu is None:
+                raise RuntimeError(f"{url}/metrics has no process_cpu_seconds_total")
+            seen[worker] = (float(cpu.group(1)), sum(int(n) for n in _REQUESTS_LINE.findall(body)))
+            if len(seen) == workers:
+                return seen
+        if attempt > 20:
+            time.sleep(0.01)
+    raise RuntimeError(f"only {len(seen)} of {workers} workers answered /metrics")
+
+
+def _cpu_per_request_us(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]) -> float:
+    """Worker CPU time over requests answered between two scrapes, all workers summed (µs)."""
+    if set(before) != set(after):
+        raise RuntimeError(f"the workers changed during the run: {sorted(before)} -> {sorted(after)}")
+    cpu = sum(after[w][0] - before[w][0] for w in after)
+    answered = sum(after[w][1] - before[w][1] for w in after)
+    if answered <= 0:
+        raise RuntimeError("no request was answered between the scrapes")
+    return cpu / answered * 1e6
+
+
+def phase_raw_encrypt(token: BenchToken, ops: int) -> float:
+    """µs per raw python-pkcs11 AES-GCM encrypt (HSM random IV + encrypt, 33-byte AAD) on a
+    token object: the server figures' yardstick, measured between their rounds."""
+    _enter_token(token)
+    import pkcs11
+    from pkcs11 import KeyType, Mechanism
+    from pkcs11.exceptions import UserAlreadyLoggedIn
+    from pkcs11.mechanisms import GCMParams
+
+    tok = pkcs11.lib(token.module).get_token(token_label=token.label)
+    try:
+        session = tok.open(rw=True, user_pin=token.pin)
+    except UserAlreadyLoggedIn:
+        session = tok.open(rw=True)
+    try:
+        label = f"bench-raw-{uuid.uuid4()}"
+        key = session.generate_key(KeyType.AES, 256, label=label, store=True)
+        try:
+            prefix = b"\x01" + bytes(20)
+
+            def raw() -> bytes:
+                iv = session.generate_random(96)
+                body: bytes = key.encrypt(
+                    PLAINTEXT, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, prefix + iv, 128)
+                )
+                return body
+
+            for _ in range(500):
+                raw()
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(ops // 5):
+                    raw()
+                times.append((time.perf_counter() - start) / (ops // 5) * 1e6)
+            return statistics.median(times)
+        finally:
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                key.destroy()
+    finally:
+        session.close()
+
+
+def phase_servers(args: argparse.Namespace, token: BenchToken) -> dict[str, Any]:
     """hsmkeys serve --workers 1 and 2, and moto_server, under the same load, round-robin."""
     access_key = "AKIA" + "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16))
     secret_key = secrets.token_urlsafe(30)
@@ -850,9 +986,15 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
         key_id = _create_key_with_boto3(url, access_key, secret_key)
         endpoints.append(Endpoint("moto", moto, url, key_id, args.moto_requests))
 
+        raw_us: list[float] = []
+        cpu_us: dict[str, list[float]] = {e.name: [] for e in endpoints if e.name != "moto"}
         for round_no in range(args.server_rounds):
+            raw_us.append(_in_fresh_process(phase_raw_encrypt, token, 20_000, timeout=300))
+            log(f"server round {round_no + 1}/{args.server_rounds}: raw encrypt {raw_us[-1]:.1f} µs")
             order = endpoints[round_no % len(endpoints) :] + endpoints[: round_no % len(endpoints)]
             for endpoint in order:
+                workers = int(endpoint.name.removeprefix("hsmkeys-w")) if endpoint.name in cpu_us else 0
+                before = _worker_counters(endpoint.url, workers) if workers else {}
                 spec = loadgen.LoadSpec(
                     endpoint=endpoint.url,
                     access_key_id=access_key,
@@ -866,21 +1008,25 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
                     max_seconds=args.max_run_seconds,
                 )
                 result = loadgen.run_load(spec)
+                if workers:
+                    cpu_us[endpoint.name].append(_cpu_per_request_us(before, _worker_counters(endpoint.url, workers)))
                 if result.errors:
                     raise RuntimeError(f"{endpoint.name}: {result.errors} failed requests; first: {result.first_error}")
                 endpoint.runs.append(result)
                 if result.truncated:
                     log(f"{endpoint.name}: run stopped at --max-run-seconds after {result.requests} requests")
+                cpu_note = f", worker CPU {cpu_us[endpoint.name][-1]:.0f} µs/request" if workers else ""
                 log(
                     f"server round {round_no + 1}/{args.server_rounds} {endpoint.name}: "
-                    f"{result.req_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, workers {sorted(result.workers.values())}"
+                    f"{result.req_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                    f"workers {sorted(result.workers.values())}{cpu_note}"
                 )
     finally:
         for server in servers:
             status = server.stop()
             log(f"stopped {server.name} (exit {status})")
     by_name = {e.name: e for e in endpoints}
-    return {
+    figures: dict[str, Any] = {
         name: {
             "req_per_s": e.median_rps(),
             "runs_req_per_s": [r.req_per_s for r in e.runs],
@@ -893,6 +1039,12 @@ def phase_servers(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, e in by_name.items()
     }
+    for name, runs in cpu_us.items():
+        figures[name]["cpu_us_per_request"] = statistics.median(runs)
+        figures[name]["runs_cpu_us_per_request"] = runs
+    figures["raw_encrypt_us"] = statistics.median(raw_us)
+    figures["runs_raw_encrypt_us"] = raw_us
+    return figures
 
 
 def _write_server_config(folder: Path, token: BenchToken, catalog: str, access_key: str, secret_key: str) -> Path:
@@ -1129,7 +1281,7 @@ def _token_phases(
     def library() -> None:
         lib = _in_fresh_process(phase_library, token, keys, args.rounds, args.round_seconds, timeout=1800)
         figures["library"] = lib
-        for name in ("encrypt", "datakey", "sign_rsa2048", "sign_p256"):
+        for name in ("encrypt", "decrypt", "encrypt_audited", "datakey", "sign_rsa2048", "sign_p256"):
             ratios[f"{name}_vs_raw"] = lib[name]["ratio"]
         ratios["encrypt_with_policy_vs_without"] = lib["encrypt_with_policy"]["ratio"]
 
@@ -1205,6 +1357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios: dict[str, float | None] = dict.fromkeys(
         (
             "encrypt_vs_raw",
+            "decrypt_vs_raw",
+            "encrypt_audited_vs_raw",
             "datakey_vs_raw",
             "encrypt_latency_10k_vs_10",
             "sign_rsa2048_vs_raw",
@@ -1247,17 +1401,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.server:
 
             def servers() -> None:
-                srv = phase_servers(args)
+                srv = phase_servers(args, token)
                 figures["server"] = srv
                 main_name = f"hsmkeys-w{args.workers}"
                 ratios["server_encrypt_vs_moto"] = srv[main_name]["req_per_s"] / srv["moto"]["req_per_s"]
-                ratios["server_2workers_vs_1"] = srv["hsmkeys-w2"]["req_per_s"] / srv["hsmkeys-w1"]["req_per_s"]
+                w1, w2 = srv["hsmkeys-w1"], srv["hsmkeys-w2"]
+                ratios["server_cpu_per_request_vs_raw"] = w1["cpu_us_per_request"] / srv["raw_encrypt_us"]
+                ratios["server_cpu_per_request_2w_vs_1w"] = w2["cpu_us_per_request"] / w1["cpu_us_per_request"]
+                ratios["server_2workers_vs_1"] = w2["req_per_s"] / w1["req_per_s"]
                 if "library" in figures:
                     ratios["server_vs_library"] = (
                         srv[main_name]["req_per_s"] / figures["library"]["encrypt"]["ops_per_s"]
                     )
 
-            for name in ("server_encrypt_vs_moto", "server_2workers_vs_1", "server_vs_library"):
+            for name in (
+                "server_cpu_per_request_vs_raw",
+                "server_encrypt_vs_moto",
+                "server_cpu_per_request_2w_vs_1w",
+                "server_2workers_vs_1",
+                "server_vs_library",
+            ):
                 ratios[name] = None
             guarded("server", servers)
         if args.multihost:
@@ -1296,7 +1459,7 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"{'ratio':<28}{'value':>8}  {'target':<10}{'met':<5}")
-    names = [n for n in (*TARGETS, "server_vs_library", "pg_vs_sqlite_encrypt") if n in report]
+    names = [n for n in (*TARGETS, "server_2workers_vs_1", "server_vs_library", "pg_vs_sqlite_encrypt") if n in report]
     for name in names:
         value = report[name]
         entry = report["targets"].get(name)
@@ -1312,6 +1475,8 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append(f"{'figure':<44}{'ops/s':>10}{'µs/op':>10}   {'spread of per-round ratios'}")
     for name, label in (
         ("encrypt", "encrypt 32 B"),
+        ("decrypt", "decrypt 32 B"),
+        ("encrypt_audited", "encrypt 32 B, audit log on"),
         ("datakey", "generate_data_key AES_256"),
         ("sign_rsa2048", "sign RSA_2048 PSS SHA-256"),
         ("sign_p256", "sign ECC_NIST_P256 ECDSA SHA-256"),
@@ -1353,15 +1518,20 @@ def render_table(report: dict[str, Any]) -> str:
             f"P-256 {c['create_p256_ms']:.1f} ms"
         )
     for name, s in figures.get("server", {}).items():
+        if not isinstance(s, dict):
+            continue
         runs = ", ".join(f"{x:,.0f}" for x in s["runs_req_per_s"])
         workers = f", answers per worker {s['answers_per_worker_last_run']}" if s["answers_per_worker_last_run"] else ""
         if s["truncated_runs"]:
             workers += f", {s['truncated_runs']} run(s) cut at --max-run-seconds"
+        if "cpu_us_per_request" in s:
+            workers += f"; worker CPU {s['cpu_us_per_request']:.0f} µs/request"
         lines.append(
             f"  server {name:<12} Encrypt {s['req_per_s']:>8,.0f} req/s (runs {runs}; p50 {s['p50_ms']:.2f} ms, "
             f"p99 {s['p99_ms']:.2f} ms{workers}; load generator used {s['client_cpu_cores']:.2f} cores)"
         )
     if "server" in figures:
+        lines.append(f"  raw python-pkcs11 encrypt between server rounds: {figures['server']['raw_encrypt_us']:.1f} µs")
         lines.append(
             f"  load: {params['clients']} client processes x 1 keep-alive connection, "
             f"{params['requests']} (moto {params['moto_requests']}) requests per run, "

@@ -146,6 +146,17 @@ class Hsm(Protocol):
 
     def close(self) -> None: ...
 
+    # ---------------------------------------------------------- threads
+    def use_own_session(self) -> bool:
+        """Let the calling thread's later calls run concurrently with other threads'
+        (a session of its own, for the thread's life); False if they stay serialised."""
+        ...
+
+    def start_indexing(self) -> bool:
+        """Start finding every object in the background and return at once (a miss before
+        it finishes costs one lookup); False if not started."""
+        ...
+
     # ---------------------------------------------------------- objects
     def create_key(self, ref: KeyVersionRef, spec: KeySpec, usage: KeyUsage) -> None:
         """Generate the key (pair) for ``ref`` inside the HSM as token objects.

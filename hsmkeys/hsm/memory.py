@@ -121,6 +121,12 @@ class MemoryHsm:
         """End the "session": later calls raise KMSInternalException, as a closed PKCS#11 session would."""
         self._closed = True
 
+    def use_own_session(self) -> bool:
+        return True  # thread-safe already: every call takes the instance lock briefly
+
+    def start_indexing(self) -> bool:
+        return False  # nothing to index
+
     # ---------------------------------------------------------- objects
 
     def create_key(self, ref: KeyVersionRef, spec: KeySpec, usage: KeyUsage) -> None:

@@ -15,9 +15,23 @@ object another process destroyed) is dropped and looked up again, once. Session
 copies of AES keys are not used: SoftHSM2 refuses C_CopyObject on a non-MODIFIABLE
 object (CKR_ATTRIBUTE_READ_ONLY), and MODIFIABLE=false is worth more than ~1.4x.
 
-Threads. python-pkcs11 initialises the module without CKF_OS_LOCKING_OK, so SoftHSM2
-runs without locks: one process-wide lock serialises every PKCS#11 call of every
-instance. Scale with processes. After ``fork`` open a new instance in the child.
+Threads. python-pkcs11 initialises a module without CKF_OS_LOCKING_OK (SoftHSM2 then
+runs without locks), so the first :meth:`Pkcs11Hsm.open` of a module in a process
+initialises it itself with CKF_OS_LOCKING_OK (:class:`_LockingLib`). Calls then
+serialise per *lane*: a session, its handle cache and a lock. Every thread shares one
+lane unless it called :meth:`Pkcs11Hsm.use_own_session`, which gives it a lane of its
+own, so a slow call there (an RSA-4096 generation, ~1.7 s) runs while other threads
+keep encrypting. An object is only ever used through the lane that found or made it
+(python-pkcs11 binds objects to their session), so a key another lane created costs
+this lane one search by CKA_ID on first use. When the module was already initialised
+without locking (loaded by other code first), every lane is the shared one and one
+process-wide lock serialises every call, as before. A device error re-initialises the
+module: calls in flight on other lanes then fail once (KMSInternalException) and the
+next opens a new session. After ``fork`` open a new instance in the child.
+
+Index. :meth:`Pkcs11Hsm.start_indexing` scans the token in a background thread on a
+session of its own and hands the index (and that session) to the shared lane; until
+then a miss costs one search by CKA_ID instead of the whole scan.
 
 Errors. PKCS#11 exceptions become :mod:`hsmkeys.errors` in one table,
 :data:`_ERROR_TABLE`, with one override for the decrypt operations, where any
@@ -26,6 +40,7 @@ failure is InvalidCiphertextException (never a hint of which part failed).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import logging
@@ -44,7 +59,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, _pkcs11
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import (
@@ -112,7 +127,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: One lock for every PKCS#11 call in the process (SoftHSM2 runs without OS locking).
+#: One lock for every PKCS#11 call in the process when the module runs without OS locking;
+#: also held while a module is loaded.
 _LOCK: Final = threading.RLock()
 #: How long a request waits for that lock (an HSM call that hangs holds it) before
 #: DependencyTimeoutException; RSA-4096 generation takes ~2 s, a 10,000-key index ~1 s.
@@ -120,6 +136,12 @@ DEFAULT_LOCK_TIMEOUT_S: Final = 30.0
 #: Per module: bumped on every C_Finalize/C_Initialize, after which every session and
 #: handle of the process is void (instances compare it before each call).
 _GENERATION: dict[str, int] = {}
+#: Modules this process initialised with CKF_OS_LOCKING_OK (threads may use separate sessions).
+_OS_LOCKING: set[str] = set()
+#: Token object creation and destruction, one at a time per process even across lanes:
+#: SoftHSM2 answered concurrent ones from two threads with CKR_GENERAL_ERROR now and then.
+#: Taken inside a lane's lock, never the other way round.
+_TOKEN_WRITES: Final = threading.RLock()
 
 LABEL_PREFIX = "hsmkeys/"
 GCM_IV_LEN = 12
@@ -291,6 +313,92 @@ def _kms_error(exc: ckr.PKCS11Error, *, what: str, decrypt: bool = False) -> KMS
     return KMSInternalException(f"HSM error during {what}: {type(exc).__name__}")
 
 
+_CKF_OS_LOCKING_OK: Final = 0x2
+_CKR_OK: Final = 0x0
+_CKR_CANT_LOCK: Final = 0xA
+_CKR_CRYPTOKI_NOT_INITIALIZED: Final = 0x190
+_CKR_CRYPTOKI_ALREADY_INITIALIZED: Final = 0x191
+_CK_RV_FN = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _CkVersion(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+class _CkFunctionListHead(ctypes.Structure):
+    """The first members of CK_FUNCTION_LIST (the rest are not needed here)."""
+
+    _fields_ = (("version", _CkVersion), ("C_Initialize", _CK_RV_FN), ("C_Finalize", _CK_RV_FN))
+
+
+class _CkInitializeArgs(ctypes.Structure):
+    _fields_ = (
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    )
+
+
+class _LockingLib(_pkcs11.lib):  # a cdef class whose cpdef initialize a subclass may override
+    """python-pkcs11's ``lib``, but C_Initialize asks for the OS's locking (CKF_OS_LOCKING_OK).
+
+    The module is the same shared object python-pkcs11 loaded (dlopen returns the loaded
+    one); only C_Initialize/C_Finalize go through ctypes. ``initialized`` (read-only in
+    python-pkcs11) stays False, so python-pkcs11 never finalizes on its own.
+    ``locking`` is False when the module refused OS locking (CKR_CANT_LOCK): it then
+    runs without locks and every call is serialised by the process lock.
+    """
+
+    def __init__(self, so: str) -> None:
+        dll = ctypes.CDLL(so)
+        get_function_list = dll.C_GetFunctionList
+        get_function_list.restype = ctypes.c_ulong
+        get_function_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_CkFunctionListHead)),)
+        functions = ctypes.POINTER(_CkFunctionListHead)()
+        rv = get_function_list(ctypes.byref(functions))
+        if rv != _CKR_OK:
+            raise ckr.PKCS11Error(f"C_GetFunctionList returned {rv:#x}")
+        self._dll = dll  # keeps the module loaded as long as the function list is used
+        self._functions = functions.contents
+        self.locking = True
+        super().__init__(so)  # calls initialize()
+
+    def initialize(self) -> None:
+        args = _CkInitializeArgs(flags=_CKF_OS_LOCKING_OK)
+        rv = self._functions.C_Initialize(ctypes.addressof(args))
+        if rv == _CKR_CANT_LOCK:
+            self.locking = False
+            rv = self._functions.C_Initialize(None)
+        if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise ckr.PKCS11Error(f"C_Initialize returned {rv:#x}")
+
+    def finalize(self) -> None:
+        rv = self._functions.C_Finalize(None)
+        if rv not in (_CKR_OK, _CKR_CRYPTOKI_NOT_INITIALIZED):
+            raise ckr.PKCS11Error(f"C_Finalize returned {rv:#x}")
+
+
+def _load_module(module: str) -> Pkcs11Lib:
+    """The module's python-pkcs11 ``lib``: initialised with OS locking if this is its first load
+    in the process (then ``module`` joins _OS_LOCKING). Call with _LOCK held."""
+    loaded: dict[str, Any] = pkcs11._loaded
+    if module in loaded:
+        return pkcs11.lib(module)
+    lib = _LockingLib(module)
+    loaded[module] = lib  # so pkcs11.lib() and module_loaded() find it
+    # Loaded for the process's life (as python-pkcs11 keeps it); one extra reference keeps it
+    # out of interpreter teardown, where lib.__dealloc__ would look up unload() on a
+    # subclass whose type may already be cleared ("Exception ignored ... no attribute").
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
+    if lib.locking:
+        _OS_LOCKING.add(module)
+    log.info("hsm_module_loaded module=%s os_locking=%s", module, lib.locking)
+    return lib
+
+
 def module_loaded(module: str) -> bool:
     """True if this process has already loaded (and so initialised) the PKCS#11 ``module``.
 
@@ -346,6 +454,21 @@ class _Cache:
         self.hmac_keys.pop(ref, None)
 
 
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """A session, the handles found or made through it, and the lock its calls take.
+
+    ``kept`` holds sessions whose objects this lane adopted (the background index):
+    only this lane uses them, under its lock.
+    """
+
+    lock: threading.RLock
+    session: Session | None = None
+    generation: int = 0
+    cache: _Cache = field(default_factory=_Cache)
+    kept: list[Session] = field(default_factory=list)
+
+
 class Pkcs11Hsm:
     """A token opened through a PKCS#11 module; see the module docstring. Use :meth:`open`."""
 
@@ -367,11 +490,64 @@ class Pkcs11Hsm:
         self._pin = pin  # kept to log in again after a lost session; never logged
         self._wrap_session = session_wrapper
         self._lock_timeout = lock_timeout
-        self._session: Session | None = session if session_wrapper is None else session_wrapper(session)
-        self._generation = _GENERATION.get(module, 0)
+        self._concurrent = module in _OS_LOCKING
+        # The lane every thread uses unless it asked for its own (see use_own_session).
+        self._shared = _Lane(
+            lock=threading.RLock() if self._concurrent else _LOCK,
+            session=session if session_wrapper is None else session_wrapper(session),
+            generation=_GENERATION.get(module, 0),
+        )
+        self._lanes: list[_Lane] = [self._shared]
+        self._local = threading.local()
+        self._indexer: threading.Thread | None = None
+        self._destroyed_while_indexing: set[KeyVersionRef] = set()
         self._closed = False
-        self._cache = _Cache()
         self._oaep_sha256: bool | None = None
+
+    # The current thread's lane: its own after use_own_session(), else the shared one.
+    def _lane(self) -> _Lane:
+        lane: _Lane = getattr(self._local, "lane", self._shared)
+        return lane
+
+    @property
+    def _session(self) -> Session | None:
+        return self._lane().session
+
+    @_session.setter
+    def _session(self, session: Session | None) -> None:
+        self._lane().session = session
+
+    @property
+    def _generation(self) -> int:
+        return self._lane().generation
+
+    @_generation.setter
+    def _generation(self, generation: int) -> None:
+        self._lane().generation = generation
+
+    @property
+    def _cache(self) -> _Cache:
+        return self._lane().cache
+
+    @_cache.setter
+    def _cache(self, cache: _Cache) -> None:
+        self._lane().cache = cache
+
+    def use_own_session(self) -> bool:
+        """Give the calling thread a lane of its own (a new session and handle cache) for
+        the rest of its life, so its calls run concurrently with other threads' calls.
+
+        False (and the thread keeps sharing the process's lane) when the module runs
+        without OS locking. The session opens on the thread's first call.
+        """
+        if not self._concurrent:
+            return False
+        if getattr(self._local, "lane", None) is None:
+            lane = _Lane(lock=threading.RLock(), generation=_GENERATION.get(self._module, 0))
+            with _LOCK:
+                self._lanes.append(lane)
+            self._local.lane = lane
+        return True
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm(module={self._module!r}, token={self._token_label!r})"
@@ -396,7 +572,7 @@ class Pkcs11Hsm:
         """
         with _LOCK:
             try:
-                lib = pkcs11.lib(module)
+                lib = _load_module(module)
             except ckr.PKCS11Error as exc:
                 raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
             token = _find_token(lib, module, token_label)
@@ -421,8 +597,9 @@ class Pkcs11Hsm:
         session when ``retry`` (idempotent operations); otherwise, or if that fails
         too, the request gets KMSInternalException and the next one opens a new session.
         """
+        lock = self._lane().lock
         # Uncontended (the usual case): the non-blocking try is the cheaper call.
-        if not (_LOCK.acquire(False) or _LOCK.acquire(timeout=self._lock_timeout)):
+        if not (lock.acquire(False) or lock.acquire(timeout=self._lock_timeout)):
             log.error("hsm_lock_timeout operation=%s timeout_s=%s", what, self._lock_timeout)
             raise DependencyTimeoutException(
                 f"the HSM did not answer within {self._lock_timeout:g} s ({what}); retry later"
@@ -445,7 +622,7 @@ class Pkcs11Hsm:
                     raise _kms_error(exc, what=what, decrypt=decrypt) from None
             raise AssertionError("unreachable")
         finally:
-            _LOCK.release()
+            lock.release()
 
     def _live_session(self) -> Session:
         """The session, opened again (and logged in) if it was lost or the module re-initialised."""
@@ -531,7 +708,7 @@ class Pkcs11Hsm:
         found = self._cache.objects.get(ref)
         if found is None:
             with self._mapped("lookup"):
-                if not self._cache.indexed:
+                if not self._cache.indexed and not self._background_index_pending():
                     self._build_index()
                     found = self._cache.objects.get(ref)
                 else:
@@ -545,6 +722,11 @@ class Pkcs11Hsm:
             raise KMSInternalException(f"several HSM objects carry {ref.label}; run hsmkeys doctor")
         return found
 
+    def _background_index_pending(self) -> bool:
+        """True on the shared lane while start_indexing's scan has not been handed over."""
+        indexer = self._indexer
+        return indexer is not None and indexer.is_alive() and self._lane() is self._shared
+
     def _build_index(self) -> None:
         index = self._scan()
         self._cache.objects.update(index)
@@ -552,16 +734,26 @@ class Pkcs11Hsm:
 
     def _search(self, ref: KeyVersionRef) -> _KeyObjects | None:
         """One C_FindObjects by CKA_ID (cost grows with the token's object count)."""
+        return _again_if_stale(lambda: self._search_once(ref))
+
+    def _search_once(self, ref: KeyVersionRef) -> _KeyObjects | None:
         objects = _KeyObjects()
         any_found = False
         for obj in self._live_session().get_objects({Attribute.ID: ref.object_id}):
-            if obj[Attribute.LABEL] == ref.label:
+            try:
+                label = obj[Attribute.LABEL]
+            except _STALE_HANDLE:
+                continue  # destroyed (by another thread or process) since the search found it
+            if label == ref.label:
                 objects.add(obj)
                 any_found = True
         return objects if any_found else None
 
     def _scan(self) -> dict[KeyVersionRef, _KeyObjects]:
         """Every hsmkeys object in the token, in one pass."""
+        return _again_if_stale(self._scan_once)
+
+    def _scan_once(self) -> dict[KeyVersionRef, _KeyObjects]:
         index: dict[KeyVersionRef, _KeyObjects] = {}
         for obj in self._live_session().get_objects():
             if obj.object_class not in (
@@ -570,7 +762,10 @@ class Pkcs11Hsm:
                 ObjectClass.PUBLIC_KEY,
             ):
                 continue
-            attrs = obj.get_attributes([Attribute.ID, Attribute.LABEL])
+            try:
+                attrs = obj.get_attributes([Attribute.ID, Attribute.LABEL])
+            except _STALE_HANDLE:
+                continue  # destroyed (by another thread or process) since the scan found it
             ref = _ref_of(attrs.get(Attribute.ID), attrs.get(Attribute.LABEL))
             if ref is not None:
                 index.setdefault(ref, _KeyObjects()).add(obj)
@@ -590,16 +785,73 @@ class Pkcs11Hsm:
         )
 
     def close(self) -> None:
-        """Close the session (idempotent); the instance cannot be used afterwards."""
+        """Close every lane's sessions (idempotent); the instance cannot be used afterwards.
+
+        A background index still scanning finds the instance closed and discards its work.
+        """
+        self._closed = True
         with _LOCK:
-            self._closed = True
-            session, self._session = self._session, None
-            self._cache = _Cache()
-            if session is not None:
+            lanes = list(self._lanes)
+        for lane in lanes:
+            with lane.lock:
+                sessions = [lane.session, *lane.kept]
+                lane.session, lane.kept, lane.cache = None, [], _Cache()
+            for session in sessions:
+                if session is None:
+                    continue
                 try:
                     session.close()
                 except ckr.PKCS11Error as exc:
                     log.warning("hsm_close_failed ckr=%s", type(exc).__name__)
+
+    # ---------------------------------------------------------- background index
+
+    def start_indexing(self) -> bool:
+        """Build the shared lane's object index in a background thread (one pass over the
+        token on a session of its own) and return at once; False if not started (the
+        module runs without OS locking, or the index exists or is being built).
+
+        Until the index arrives a miss costs one search by CKA_ID; after it, none. A
+        failed scan is logged and leaves the lane searching per miss.
+        """
+        if not self._concurrent or self._shared.cache.indexed or self._indexer is not None:
+            return False
+        self._indexer = threading.Thread(target=self._index_in_background, name="hsmkeys-hsm-index", daemon=True)
+        self._indexer.start()
+        return True
+
+    def indexing_done(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s for a background index started by start_indexing; whether it is done."""
+        indexer = self._indexer
+        if indexer is None:
+            return True
+        indexer.join(timeout)
+        return not indexer.is_alive()
+
+    def _index_in_background(self) -> None:
+        lane = _Lane(lock=threading.RLock(), generation=_GENERATION.get(self._module, 0))
+        self._local.lane = lane
+        try:
+            index = self._call("index", self._scan, retry=True)
+        except KMSError as exc:
+            log.error("hsm_index_failed error=%s", type(exc).__name__)
+            return
+        finally:
+            del self._local.lane
+        shared = self._shared
+        with shared.lock:
+            session = lane.session
+            if self._closed or session is None or shared.generation != lane.generation:
+                return  # closed, or re-initialised meanwhile: these handles are void
+            cache = shared.cache
+            gone = self._destroyed_while_indexing
+            for ref, objects in index.items():
+                if ref not in gone:
+                    cache.objects.setdefault(ref, objects)  # a handle found meanwhile stays
+            cache.indexed = True
+            shared.kept.append(session)  # the index's objects are bound to it
+            gone.clear()
+        log.info("hsm_index_built versions=%d", len(index))
 
     # ---------------------------------------------------------- objects
 
@@ -657,7 +909,7 @@ class Pkcs11Hsm:
                 objects.add(private)
             self._cache.objects[ref] = objects
 
-        self._call(f"create {ref.label}", run, retry=False)
+        self._call(f"create {ref.label}", _token_write(run), retry=False)
         log.info("hsm_key_created label=%s spec=%s usage=%s", ref.label, spec, usage)
 
     def has_key(self, ref: KeyVersionRef) -> bool:
@@ -665,10 +917,13 @@ class Pkcs11Hsm:
 
     def destroy_key(self, ref: KeyVersionRef) -> None:
         def run() -> int:
-            self._cache.drop(ref)
+            for lane in list(self._lanes):  # other lanes would only learn it from a stale handle
+                lane.cache.drop(ref)
+            if self._indexer is not None and self._indexer.is_alive():
+                self._destroyed_while_indexing.add(ref)
             return _destroy_matching(self._live_session(), ref.object_id, ref.label)
 
-        destroyed = self._call(f"destroy {ref.label}", run, retry=False)
+        destroyed = self._call(f"destroy {ref.label}", _token_write(run), retry=False)
         if destroyed:
             log.info("hsm_key_destroyed label=%s objects=%d", ref.label, destroyed)
 
@@ -955,7 +1210,7 @@ class Pkcs11Hsm:
             self._cache.wrapping[ref] = private
             return _spki(public)
 
-        der = self._call(f"create {label}", run, retry=False)
+        der = self._call(f"create {label}", _token_write(run), retry=False)
         log.info("hsm_wrapping_key_created label=%s spec=%s", label, spec)
         return der
 
@@ -964,7 +1219,7 @@ class Pkcs11Hsm:
             self._cache.wrapping.pop(ref, None)
             return _destroy_matching(self._live_session(), wrapping_object_id(ref), wrapping_label(ref))
 
-        if self._call(f"destroy {wrapping_label(ref)}", run, retry=False):
+        if self._call(f"destroy {wrapping_label(ref)}", _token_write(run), retry=False):
             log.info("hsm_wrapping_key_destroyed label=%s", wrapping_label(ref))
 
     def list_wrapping_refs(self) -> set[KeyVersionRef]:
@@ -1057,7 +1312,7 @@ class Pkcs11Hsm:
                 objects = self._import_pair(ref, spec, usage, unwrapper, wrapped, public_key_der)
             self._cache.objects[ref] = objects
 
-        self._call(f"import {ref.label}", run, retry=False)
+        self._call(f"import {ref.label}", _token_write(run), retry=False)
         log.info("hsm_key_imported label=%s spec=%s usage=%s algorithm=%s", ref.label, spec, usage, algorithm)
 
     def _import_secret(
@@ -1340,6 +1595,28 @@ def _recover_public(private: Object, curve: ec.EllipticCurve, usage: KeyUsage) -
     if point is None:
         raise IncorrectKeyMaterialException("The public key of the imported EC key could not be recovered.")
     return ecpoint.public_key(curve, point)
+
+
+def _again_if_stale(search: Callable[[], T], attempts: int = 3) -> T:
+    """Run a search again when an object it found was destroyed (by another thread or
+    process) before python-pkcs11 read its class: the search itself is still valid."""
+    for attempt in range(attempts):
+        try:
+            return search()
+        except _STALE_HANDLE:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _token_write(op: Callable[[], T]) -> Callable[[], T]:
+    """``op`` run under _TOKEN_WRITES."""
+
+    def run() -> T:
+        with _TOKEN_WRITES:
+            return op()
+
+    return run
 
 
 def _login(token: Token, pin: str) -> Session:

@@ -10,8 +10,9 @@ Routes:
   ``GET /metrics``   Prometheus text
   anything else      404 (unknown path) or 405 (wrong method), JSON error body
 
-Every response carries ``x-amzn-RequestId`` (uuid4) and ``x-hsmkeys-worker`` (the
-serving process id, so tests can tell workers apart). KMS errors are
+Every response carries ``x-amzn-RequestId`` (UUID layout: a per-process random prefix
+and a counter) and ``x-hsmkeys-worker`` (the serving process id, so tests can tell
+workers apart). KMS errors are
 ``{"__type": code, "message": ...}`` with the error's status, except that an internal
 fault (a KMSInternalException, or any other exception) is answered as a 500
 KMSInternalException whose message is exactly ``internal error, request id <id>``:
@@ -19,22 +20,24 @@ its details (exception type, stack frames, and a KMSInternalException's own mess
 with PKCS#11 codes or paths; never another exception's message, which may hold
 request data) go to the ``hsmkeys.server`` log under that request id. Bodies over 1 MiB get 413 with a ValidationException body.
 
-KeyStore calls run directly on the event loop: they take tens of microseconds and the
-HSM backend serialises them per process anyway; processes, not threads, add capacity.
+KeyStore calls run directly on the event loop: they take tens of microseconds;
+processes, not threads, add capacity. Operations declared ``slow`` (key generation:
+seconds) run in the :class:`~hsmkeys.server.slowlane.SlowLane` when one is given, on an
+HSM session of their own, so they never stall the requests around them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hsmkeys.errors import (
     KMSError,
@@ -42,6 +45,8 @@ from hsmkeys.errors import (
     SerializationException,
     ValidationException,
 )
+from hsmkeys.keystore import new_request_id
+from hsmkeys.server.metrics import process_series
 from hsmkeys.server.wire import (
     CONTENT_TYPE,
     MAX_BODY_BYTES,
@@ -49,6 +54,9 @@ from hsmkeys.server.wire import (
     Dispatcher,
     encode_body,
 )
+
+if TYPE_CHECKING:
+    from hsmkeys.server.slowlane import SlowLane
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -157,8 +165,10 @@ class KmsApp:
         *,
         background: Sequence[BackgroundTask] = (),
         on_shutdown: Callable[[], None] | None = None,
+        slow_lane: SlowLane | None = None,
     ) -> None:
         self._keystore = keystore
+        self._slow_lane = slow_lane
         self._verifier = verifier
         self._metrics = metrics
         self._dispatcher = Dispatcher(keystore)
@@ -179,7 +189,7 @@ class KmsApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         method = scope["method"]
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         if path == "/":
             if method == "POST":
                 await self._kms(scope, receive, send, request_id)
@@ -222,7 +232,7 @@ class KmsApp:
         await self._respond(send, 200, b'{"status":"ok"}', request_id, content_type=b"application/json")
 
     async def _metrics_page(self, send: Send, request_id: str) -> None:
-        body = self._metrics.render().encode("utf-8")
+        body = (self._metrics.render() + process_series()).encode("utf-8")
         await self._respond(send, 200, body, request_id, content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------ KMS
@@ -287,14 +297,27 @@ class KmsApp:
 
         # The KeyStore authorizes and writes the audit lines for everything from here on.
         try:
-            out = operation.call(
-                args,
-                principal=principal,
-                request_id=request_id,
-                source=source,
-                secure_transport=scope.get("scheme") == "https",
-                invocation_id=invocation_id,
-            )
+            if operation.slow and self._slow_lane is not None:
+                out = await self._slow_lane.run(
+                    functools.partial(
+                        operation.call,
+                        args,
+                        principal=principal,
+                        request_id=request_id,
+                        source=source,
+                        secure_transport=scope.get("scheme") == "https",
+                        invocation_id=invocation_id,
+                    )
+                )
+            else:
+                out = operation.call(
+                    args,
+                    principal=principal,
+                    request_id=request_id,
+                    source=source,
+                    secure_transport=scope.get("scheme") == "https",
+                    invocation_id=invocation_id,
+                )
         except KMSInternalException as exc:
             _log_internal("internal_error", request_id, op_name, exc)
             self._metrics.hsm_error(op_name)
@@ -456,10 +479,14 @@ def create_app(
     *,
     background: Sequence[BackgroundTask] = (),
     on_shutdown: Callable[[], None] | None = None,
+    slow_lane: SlowLane | None = None,
 ) -> KmsApp:
     """The ASGI app serving ``keystore``.
 
     ``background`` coroutines start at lifespan startup and are cancelled at shutdown;
-    ``on_shutdown`` runs after them (the server passes ``keystore.close``).
+    ``on_shutdown`` runs after them (the server passes ``keystore.close``, after closing
+    the slow lane). ``slow_lane``: where ``slow`` operations run (None: on the loop).
     """
-    return KmsApp(keystore, verifier, metrics, background=background, on_shutdown=on_shutdown)
+    return KmsApp(
+        keystore, verifier, metrics, background=background, on_shutdown=on_shutdown, slow_lane=slow_lane
+    )

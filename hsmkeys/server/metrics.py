@@ -4,6 +4,7 @@ Series:
     hsmkeys_requests_total{operation,outcome}          counter
     hsmkeys_request_duration_seconds{operation,le}     histogram (_bucket/_sum/_count)
     hsmkeys_hsm_errors_total{kind}                     counter
+    process_cpu_seconds_total                          counter (process_series: this worker's CPU)
 
 The registry is per process: with several server workers each renders its own
 counts, so scrape every worker (or aggregate) to see the whole service.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from typing import Final
 
-__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics", "escape_label_value"]
+__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics", "escape_label_value", "process_series"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -124,3 +126,13 @@ class Metrics:
         for kind, value in hsm_errors:
             out.append(f'{_HSM_ERRORS}{{kind="{escape_label_value(kind)}"}} {value}')
         return "\n".join(out) + "\n"
+
+
+def process_series() -> str:
+    """This process's CPU time (user + system, all threads), Prometheus' standard series;
+    with hsmkeys_requests_total it gives the CPU a worker spends per request."""
+    return (
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n"
+        "# TYPE process_cpu_seconds_total counter\n"
+        f"process_cpu_seconds_total {_number(time.process_time())}\n"
+    )

@@ -26,7 +26,7 @@ lock (:func:`maintenance_lock_path`).
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets in-flight requests
 finish (up to ``GRACEFUL_SHUTDOWN_S``), stops the maintenance loop (a run in progress
-completes: it is synchronous on the event loop), then closes the KeyStore. The
+completes: the slow lane's thread is waited for), then closes the KeyStore. The
 supervisor forwards the signal to its workers and waits for them.
 
 Readiness: once every worker has finished startup, ``listening on http://HOST:PORT``
@@ -108,6 +108,7 @@ from hsmkeys.server.accesslog import with_access_log
 from hsmkeys.server.app import ASGIApp, RequestMetrics, RequestVerifier, create_app
 from hsmkeys.server.metrics import Metrics
 from hsmkeys.server.sigv4 import Credential, SigV4Verifier
+from hsmkeys.server.slowlane import SlowLane
 from hsmkeys.server.tls import load_server_context
 
 __all__ = [
@@ -479,18 +480,21 @@ class _MaintenanceLeader:
             log.warning("event=maintenance_lease_release_failed error=%s", type(exc).__name__)
 
 
-async def _maintenance_loop(keystore: KeyStore, interval: float, leader: _MaintenanceLeader) -> None:
+async def _maintenance_loop(
+    keystore: KeyStore, interval: float, leader: _MaintenanceLeader, slow_lane: SlowLane
+) -> None:
     """Renew the lease every ``min(interval, lease / 3)`` seconds and, while holding it,
-    run due rotations and purges every ``interval`` seconds."""
+    run due rotations and purges every ``interval`` seconds in the slow lane."""
     renew_every = min(interval, leader.lease_seconds / 3)
     next_run = 0.0
     while True:
         try:
             if leader.renew() and time.monotonic() >= next_run:
                 next_run = time.monotonic() + interval
-                # Synchronous on the event loop on purpose: HSM calls in one process
-                # must not overlap, and a cancelled loop must not leave a run half done.
-                report = keystore.run_maintenance()
+                # In the slow lane (own HSM session): key generation and token scans
+                # never stall requests. A cancelled loop does not stop a run in
+                # progress; closing the lane waits for it, so none is left half done.
+                report = await slow_lane.run(keystore.run_maintenance)
                 if report.rotated or report.purged or report.swept:
                     log.info(
                         "event=maintenance rotated=%d purged=%d swept=%d",
@@ -526,10 +530,15 @@ def _serve(
     verifier = build_verifier(settings)
     lock = _MaintenanceLock(maintenance_lock_path(settings))
     keystore = KeyStore.open(settings)
-    keystore.preload()  # before the first request, not during it
+    # Serve at once: the handle index is built in the background (seconds on a big
+    # token); until then a miss costs one search. A backend that cannot: index now.
+    if not keystore.start_indexing():
+        keystore.preload()
+    slow_lane = SlowLane(keystore)
     leader = _MaintenanceLeader(keystore, lock, settings.maintenance_lease_seconds)
 
     def close_store() -> None:
+        slow_lane.close()  # its calls (a key generation, maintenance) finish first
         leader.release()  # before closing: another instance takes over at once
         keystore.close()
 
@@ -546,11 +555,12 @@ def _serve(
             metrics,
             background=(
                 functools.partial(
-                    _maintenance_loop, keystore, settings.maintenance_interval_seconds, leader
+                    _maintenance_loop, keystore, settings.maintenance_interval_seconds, leader, slow_lane
                 ),
                 functools.partial(_usage_flush_loop, keystore, USAGE_FLUSH_SECONDS),
             ),
             on_shutdown=close,
+            slow_lane=slow_lane,
         )
         tls = settings.server
         config = uvicorn.Config(

@@ -592,6 +592,11 @@ class BoundOperation:
     def operation(self) -> Operation[Any, Any] | None:
         return self._op
 
+    @property
+    def slow(self) -> bool:
+        """Whether the server runs it off the event loop (see Operation.slow)."""
+        return self._op is not None and self._op.slow
+
     def parse(self, body: bytes) -> dict[str, Any]:
         """Keyword arguments for the operation from a request body.
 

@@ -17,6 +17,7 @@ from hsmkeys.config import HsmSettings, PrincipalSettings, ServerSettings, Setti
 from hsmkeys.errors import ConfigError, KMSInternalException
 from hsmkeys.models import MaintenanceReport
 from hsmkeys.server import runner
+from hsmkeys.server.slowlane import SlowLane
 from hsmkeys.server.tls import write_self_signed_cert
 
 
@@ -45,14 +46,22 @@ class FakeStore:
     def release_maintenance_lease(self, holder: str) -> None:
         pass
 
+    def use_own_hsm_session(self) -> bool:
+        self.lane_threads = getattr(self, "lane_threads", 0) + 1
+        return True
+
 
 async def _run_loop_for(store: FakeStore, lock: runner._MaintenanceLock, seconds: float) -> None:
     leader = runner._MaintenanceLeader(store, lock, 30.0)  # type: ignore[arg-type]
-    task = asyncio.create_task(runner._maintenance_loop(store, 0.01, leader))  # type: ignore[arg-type]
+    lane = SlowLane(store)
+    task = asyncio.create_task(runner._maintenance_loop(store, 0.01, leader, lane))  # type: ignore[arg-type]
     await asyncio.sleep(seconds)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    lane.close()
+    if store.runs:  # maintenance ran in the slow lane's thread, which has its own HSM session
+        assert store.lane_threads == 1
 
 
 def test_only_one_maintenance_lock_holder(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.clock import FakeClock
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
-from hsmkeys.models import KeyVersionRef
+from hsmkeys.models import KeySpec, KeyUsage, KeyVersionRef
 
 
 def test_an_orphan_from_another_instance_is_swept_only_after_the_grace_period(tmp_path: Path) -> None:
@@ -37,3 +37,16 @@ def test_an_orphan_from_another_instance_is_swept_only_after_the_grace_period(tm
     assert not hsm.has_key(orphan)
     assert host_b.decrypt(ciphertext_blob=blob).plaintext == b"x"
     assert host_b.doctor().consistent
+
+
+def test_objects_of_keys_the_catalog_does_not_know_are_never_swept_automatically(tmp_path: Path) -> None:
+    """Another deployment may share the token: only an operator's doctor --fix removes those."""
+    hsm, clock = MemoryHsm(), FakeClock()
+    store = KeyStore(hsm=hsm, catalog=SqliteCatalog(tmp_path / "c.db"), clock=clock, doctor_grace_seconds=600)
+    foreign = KeyVersionRef(uuid.uuid4(), 1)
+    hsm.create_key(foreign, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
+    for _ in range(3):
+        assert store.run_maintenance().swept == ()
+        clock.advance(seconds=700)
+    assert hsm.has_key(foreign)
+    assert store.doctor(fix=True).destroyed == (foreign,)  # the operator's explicit fix

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hsmkeys.server.metrics import CONTENT_TYPE, DURATION_BUCKETS, Metrics, escape_label_value
+from hsmkeys.server.metrics import (
+    CONTENT_TYPE,
+    DURATION_BUCKETS,
+    Metrics,
+    escape_label_value,
+    process_series,
+)
 
 EMPTY = """\
 # HELP hsmkeys_requests_total Requests handled, by operation and outcome.
@@ -156,3 +163,16 @@ def test_concurrent_observations_are_all_counted() -> None:
 
 def test_content_type_names_format_version() -> None:
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_process_series_reports_this_process_cpu_time_growing() -> None:
+    def cpu(text: str) -> float:
+        (line,) = [x for x in text.splitlines() if x.startswith("process_cpu_seconds_total ")]
+        return float(line.split()[1])
+
+    first = process_series()
+    assert "# TYPE process_cpu_seconds_total counter\n" in first
+    deadline = time.process_time() + 0.02
+    while time.process_time() < deadline:
+        pass
+    assert cpu(process_series()) >= cpu(first) + 0.02

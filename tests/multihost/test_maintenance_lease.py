@@ -20,6 +20,7 @@ from hsmkeys.catalog.base import Catalog
 from hsmkeys.catalog.postgres import PostgresCatalog
 from hsmkeys.models import MaintenanceReport
 from hsmkeys.server import runner
+from hsmkeys.server.slowlane import SlowLane
 
 CHILD = Path(__file__).with_name("lease_child.py")
 OpenCatalog = Callable[[], Catalog]  # the open_catalog fixture (conftest.py)
@@ -132,11 +133,15 @@ class _Host:
     def release_maintenance_lease(self, holder: str) -> None:
         self.catalog.release_maintenance_lease(holder)
 
+    def use_own_hsm_session(self) -> bool:
+        return True  # no HSM here: the lane thread needs no session of its own
+
 
 async def _loops(hosts: list[_Host], leaders: list[runner._MaintenanceLeader], seconds: float) -> None:
+    lanes = [SlowLane(host) for host in hosts]  # type: ignore[arg-type]
     tasks = [
-        asyncio.create_task(runner._maintenance_loop(host, 0.02, leader))  # type: ignore[arg-type]
-        for host, leader in zip(hosts, leaders, strict=True)
+        asyncio.create_task(runner._maintenance_loop(host, 0.02, leader, lane))  # type: ignore[arg-type]
+        for host, leader, lane in zip(hosts, leaders, lanes, strict=True)
     ]
     await asyncio.sleep(seconds)
     for task in tasks:
@@ -144,6 +149,8 @@ async def _loops(hosts: list[_Host], leaders: list[runner._MaintenanceLeader], s
     for task in tasks:
         with pytest.raises(asyncio.CancelledError):
             await task
+    for lane in lanes:
+        lane.close()
 
 
 def test_maintenance_runs_on_one_of_two_hosts_and_moves_when_it_stops(

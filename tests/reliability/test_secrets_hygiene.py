@@ -1,6 +1,7 @@
-"""Secrets hygiene: a full run (init, server, CLI, SDK calls, errors, /metrics) with a
-recognisable PIN, secret access key and plaintext leaves none of them in any log,
-audit line, error message, /metrics page or process command line seen meanwhile."""
+"""Secrets hygiene: a full run (init, server, CLI, provisioning with imported key
+material, SDK calls, errors, /metrics) with a recognisable PIN, secret access key,
+plaintext and key material leaves none of them in any log, audit line, error message,
+/metrics page or process command line seen meanwhile."""
 
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ def _cmdlines(seen: set[str], stop: threading.Event) -> None:
 def test_no_secret_leaves_a_trace(tmp_path: Path) -> None:
     secret_key = "SECRETCANARY" + secrets.token_hex(10)
     plaintext = b"PLAINCANARY" + secrets.token_hex(6).encode()
+    material = (b"MATERIALCANARY" + secrets.token_hex(9).encode())[:32]
     canaries = {
         "secret": [secret_key],
         "plaintext": [plaintext.decode(), base64.b64encode(plaintext).decode(), plaintext.hex()],
+        "key material": [material.decode(), base64.b64encode(material).decode(), material.hex()],
     }
     config = tmp_path / "hsmkeys.yaml"
     config.write_text(
@@ -98,6 +101,23 @@ def test_no_secret_leaves_a_trace(tmp_path: Path) -> None:
         for args, stdin in ((["keys", "list"], b""), (["encrypt", "--key-id", key_id], plaintext), (["doctor"], b"")):
             done_cli = subprocess.run([*hsmkeys, *args], env=cli_env, input=stdin, capture_output=True, timeout=60)
             texts += [done_cli.stdout.decode("utf-8", "replace"), done_cli.stderr.decode("utf-8", "replace")]
+        (tmp_path / "material.bin").write_bytes(material)
+        plan = tmp_path / "keys.yaml"
+        plan.write_text(
+            "keys:\n  - alias: alias/hygiene\n    description: secrets scan\n"
+            "  - alias: alias/hygiene-import\n    origin: EXTERNAL\n    key_material_file: material.bin\n"
+        )
+        provision = Path(__file__).resolve().parents[2] / "scripts" / "provision.py"
+        provision_env = env | {"AWS_ACCESS_KEY_ID": "AKIAHYGIENE", "AWS_SECRET_ACCESS_KEY": secret_key}
+        for verb in (["plan"], ["apply", "--yes"]):
+            done_p = subprocess.run(
+                [sys.executable, str(provision), *verb, str(plan), "--endpoint", url, "--region", "us-east-1"],
+                env=provision_env, capture_output=True, text=True, timeout=120,
+            )
+            texts += [done_p.stdout, done_p.stderr]
+            assert done_p.returncode in (0, 2), done_p.stderr
+        imported = client.describe_key(KeyId="alias/hygiene-import")["KeyMetadata"]
+        assert imported["KeyState"] == "Enabled"
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=30)
         texts += [out, err]

@@ -20,8 +20,20 @@ from hsmkeys.testing.server import EphemeralKms, start_ephemeral_kms
 from .harness import soak_number
 
 # What a refusal may be while the admin changes the key's state: Disabled -> DisabledException,
-# PendingDeletion -> KMSInvalidStateException. Nothing else is expected.
+# PendingDeletion -> KMSInvalidStateException. Nothing else is expected, and each refusal
+# must fall in a time the key was in the state that calls for it.
 ALLOWED_REFUSALS = {"DisabledException", "KMSInvalidStateException"}
+STATE_FOR = {"DisabledException": "Disabled", "KMSInvalidStateException": "PendingDeletion"}
+
+
+def _state_periods(events: list[tuple[float, float, str]], until: float) -> list[tuple[float, float, str]]:
+    """(from, to, state) for one key: a change lands somewhere inside its admin call, so a
+    state is possibly in force from its call's start to the end of the next change's call."""
+    periods = []
+    for i, (start, _, state) in enumerate(events):
+        end = events[i + 1][1] if i + 1 < len(events) else until
+        periods.append((start, end, state))
+    return periods
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +56,14 @@ def _run(kms: EphemeralKms, seconds: float) -> dict[str, Any]:
     counts: collections.Counter[str] = collections.Counter()
     unexpected: list[str] = []
     blobs: list[tuple[bytes, bytes]] = []
+    refusals: list[tuple[str, str, float, float]] = []  # (key, code, request start, request end)
+    changes: dict[str, list[tuple[float, float, str]]] = {"sym": [(0.0, 0.0, "Enabled")], "signing": [(0.0, 0.0, "Enabled")]}
+
+    def changed(key: str, state: str, call: Any) -> None:
+        start = time.monotonic()
+        call()
+        with lock:
+            changes[key].append((start, time.monotonic(), state))
 
     def record(kind: str, detail: str | None = None) -> None:
         with lock:
@@ -57,6 +77,7 @@ def _run(kms: EphemeralKms, seconds: float) -> dict[str, Any]:
         while not stop.is_set():
             i += 1
             op = ("Encrypt", "Decrypt", "GenerateDataKey", "Sign")[i % 4]
+            started = time.monotonic()
             try:
                 if op == "Encrypt":
                     pt = f"{n}-{i}".encode()
@@ -82,6 +103,8 @@ def _run(kms: EphemeralKms, seconds: float) -> dict[str, Any]:
                     record(f"{status} {code}", f"{op}: {status} {code} {exc.response['Error'].get('Message')}")
                 else:
                     record(code)
+                    with lock:
+                        refusals.append(("signing" if op == "Sign" else "sym", code, started, time.monotonic()))
 
     def admin_loop() -> None:
         i = 0
@@ -92,15 +115,16 @@ def _run(kms: EphemeralKms, seconds: float) -> dict[str, Any]:
                 if step == 0:
                     admin.rotate_key_on_demand(KeyId=sym) if i % 50 == 0 else admin.describe_key(KeyId=sym)
                 elif step == 1:
-                    admin.disable_key(KeyId=sym)
-                    admin.disable_key(KeyId=signing)
+                    changed("sym", "Disabled", lambda: admin.disable_key(KeyId=sym))
+                    changed("signing", "Disabled", lambda: admin.disable_key(KeyId=signing))
                 elif step == 2:
-                    admin.enable_key(KeyId=sym)
-                    admin.enable_key(KeyId=signing)
+                    changed("sym", "Enabled", lambda: admin.enable_key(KeyId=sym))
+                    changed("signing", "Enabled", lambda: admin.enable_key(KeyId=signing))
                 elif step == 3:
-                    admin.schedule_key_deletion(KeyId=sym, PendingWindowInDays=7)
-                    admin.cancel_key_deletion(KeyId=sym)
-                    admin.enable_key(KeyId=sym)
+                    changed("sym", "PendingDeletion",
+                            lambda: admin.schedule_key_deletion(KeyId=sym, PendingWindowInDays=7))
+                    changed("sym", "Disabled", lambda: admin.cancel_key_deletion(KeyId=sym))
+                    changed("sym", "Enabled", lambda: admin.enable_key(KeyId=sym))
                 else:
                     admin.put_key_policy(KeyId=sym, PolicyName="default", Policy=policy)
                 record("admin")
@@ -119,16 +143,23 @@ def _run(kms: EphemeralKms, seconds: float) -> dict[str, Any]:
     stop.set()
     for t in threads:
         t.join(30)
+    finished = time.monotonic()
+    for key, code, start, end in refusals:
+        wanted = STATE_FOR[code]
+        periods = _state_periods(changes[key], finished)
+        if not any(state == wanted and p_start <= end and start <= p_end for p_start, p_end, state in periods):
+            unexpected.append(f"{code} on {key} at {start:.3f}-{end:.3f}: the key was never {wanted} then")
     admin.enable_key(KeyId=sym)
     verifier = _client(kms)
     for blob, pt in blobs:
         assert verifier.decrypt(CiphertextBlob=blob)["Plaintext"] == pt
-    return {"counts": dict(counts), "unexpected": unexpected, "blobs": len(blobs)}
+    return {"counts": dict(counts), "unexpected": unexpected, "blobs": len(blobs), "refusals_checked": len(refusals)}
 
 
 def _check(result: dict[str, Any]) -> None:
     print(f"\nconcurrency: {sum(result['counts'].values())} requests, by outcome {result['counts']}, "
-          f"{result['blobs']} ciphertexts decrypted afterwards")
+          f"{result['blobs']} ciphertexts decrypted afterwards, "
+          f"{result['refusals_checked']} refusals matched to the key's state")
     assert result["unexpected"] == []
     assert result["counts"].get("ok", 0) > 50
 

@@ -906,7 +906,11 @@ class KeyStore:
         expire_material(self)
         self.flush_rejections(older_than=_REJECTION_WINDOW_SECONDS)
         swept: tuple[str, ...] = ()
-        if self._next_sweep is None or now >= self._next_sweep:
+        if self._next_sweep is None:
+            # Not at start-up: the sweep scans the whole token (seconds at 30,000 objects)
+            # and an orphan needs two sightings a grace period apart anyway.
+            self._next_sweep = now + self._doctor_grace / 2
+        elif now >= self._next_sweep:
             # The sweeper: a version object left by a rotation that died between the HSM
             # write and the catalog commit (on any instance) is destroyed once it has been
             # an orphan for the grace period. Objects of keys the catalog does not know

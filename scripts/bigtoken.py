@@ -174,18 +174,28 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--versions", type=int, default=3)
     parser.add_argument("--starts", type=int, default=3, help="server starts to time")
+    parser.add_argument("--reuse", type=Path, default=None, metavar="DIR", help="a token this script built before")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="hsmkeys-bigtoken-"))
-    config = _config(folder)
-    subprocess.run(
-        [sys.executable, "-m", "hsmkeys", "--config", str(config), "init", "--create-token"],
-        check=True, env=_env(), capture_output=True,
-    )  # fmt: skip
-    log(f"building {args.keys} keys x {args.versions} versions in {folder}")
-    start = time.monotonic()
-    key_ids = build(folder, args.keys, args.versions)
-    built = time.monotonic() - start
-    log(f"built in {built:.0f} s")
+    if args.reuse is not None:
+        from hsmkeys.catalog.sqlite import SqliteCatalog
+
+        folder, built = args.reuse, 0.0
+        config = folder / "hsmkeys.yaml"
+        catalog = SqliteCatalog(folder / "catalog.db")
+        key_ids = [str(k.key_uuid) for k in catalog.list_keys(limit=args.keys)]
+        catalog.close()
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="hsmkeys-bigtoken-"))
+        config = _config(folder)
+        subprocess.run(
+            [sys.executable, "-m", "hsmkeys", "--config", str(config), "init", "--create-token"],
+            check=True, env=_env(), capture_output=True,
+        )  # fmt: skip
+        log(f"building {args.keys} keys x {args.versions} versions in {folder}")
+        start = time.monotonic()
+        key_ids = build(folder, args.keys, args.versions)
+        built = time.monotonic() - start
+        log(f"built in {built:.0f} s")
     secret = (folder / "admin.secret").read_text(encoding="utf-8").strip()
     runs = []
     for i in range(args.starts):

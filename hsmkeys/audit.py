@@ -394,7 +394,10 @@ class AuditLog:
         self._tail: _ChainTail | None = None  # None: read it from the file
         self._expected: _ChainTail | None = None  # chain the file must continue (open, switch)
         self._unsigned = 0
-        self._last_checkpoint = float("-inf")  # time.monotonic()
+        # time.monotonic() of our last checkpoint. Counting from the open means the first
+        # lines are signed by the timer (or a later line) within checkpoint_seconds, not by
+        # the first request, which would pay the HSM key look-up (a token scan on SoftHSM2).
+        self._last_checkpoint = time.monotonic()
         self._dirty_since: float | None = None  # monotonic time of the first unsigned line
         self._timer: threading.Timer | None = None
         self._pending: AuditCheckpoint | None = None  # to store once the locks are released

@@ -4,7 +4,7 @@
 
 Builds a throwaway SoftHSM2 token and catalog (objects exactly as Pkcs11Hsm makes them,
 rows through the catalog; ~10 ms per object), then, several times, starts
-`hsmkeys serve --workers 2` on it and measures from the process start to the first
+`hsmkeys serve` (``--workers``, default 1) on it and measures from the process start to the first
 Encrypt answered (on a random key, as a client would), then checks ListKeys pages are
 full and consistent and the per-call Encrypt latency. Prints one JSON object.
 Takes minutes (building 30,000 objects): not part of `make test`.
@@ -113,14 +113,14 @@ print("\\n".join(out))
     return done.stdout.split()
 
 
-def serve_and_time(config: Path, key_ids: list[str], secret: str) -> dict[str, Any]:
+def serve_and_time(config: Path, key_ids: list[str], secret: str, workers: int) -> dict[str, Any]:
     import boto3
     from botocore.config import Config
 
     port = _free_port()
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "hsmkeys", "--config", str(config), "serve", "--port", str(port), "--workers", "2"],
+        [sys.executable, "-m", "hsmkeys", "--config", str(config), "serve", "--port", str(port), "--workers", str(workers)],
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -174,6 +174,7 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--versions", type=int, default=3)
     parser.add_argument("--starts", type=int, default=3, help="server starts to time")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers (default 1, as serve's own default)")
     parser.add_argument("--reuse", type=Path, default=None, metavar="DIR", help="a token this script built before")
     args = parser.parse_args()
     if args.reuse is not None:
@@ -200,10 +201,11 @@ def main() -> int:
     runs = []
     for i in range(args.starts):
         log(f"server start {i + 1}/{args.starts}")
-        runs.append(serve_and_time(config, key_ids, secret))
+        runs.append(serve_and_time(config, key_ids, secret, args.workers))
     result = {
         "keys": args.keys,
         "versions": args.versions,
+        "workers": args.workers,
         "objects": args.keys * args.versions,
         "build_s": built,
         "first_encrypt_s_median": statistics.median(r["first_encrypt_s"] for r in runs),

@@ -892,6 +892,17 @@ class KeyStore:
 
     # ================================================================ maintenance
 
+    def _make_new_key_object(self, ref: KeyVersionRef, spec: KeySpec, usage: KeyUsage) -> None:
+        """The HSM object of a key whose row is not committed yet, recorded as pending
+        first (committed before the HSM write), so the sweeper can tell a crashed create's
+        object from another deployment's. The row's insert clears it, in its transaction."""
+        self._catalog.add_pending_object(ref.label, self._now())
+        try:
+            self._hsm.create_key(ref, spec, usage)
+        except BaseException:
+            self._catalog.remove_pending_object(ref.label)
+            raise
+
     def run_maintenance(self) -> MaintenanceReport:
         """Perform due automatic rotations and purge keys whose deletion date has passed. Idempotent."""
         from hsmkeys.ops.imports import expire_material
@@ -984,10 +995,14 @@ class KeyStore:
             [ref.label for ref in orphans] + [wrapping_label(ref) for ref in wrapping], now
         )
         ripe = tuple(ref for ref in orphans if seen[ref.label] <= now - self._doctor_grace)
+        pending = self._catalog.pending_objects()
         if known_keys_only:
-            # Only versions of keys this catalog knows (a crashed rotation's object): an
+            # Only objects this deployment made: versions of keys the catalog knows (a
+            # crashed rotation's) and recorded pending creates (a crashed CreateKey's). An
             # object of an unknown key may belong to another deployment on a shared token.
-            ripe = tuple(ref for ref in ripe if self._catalog.get_key(ref.key_uuid) is not None)
+            ripe = tuple(
+                ref for ref in ripe if ref.label in pending or self._catalog.get_key(ref.key_uuid) is not None
+            )
         stale = tuple(
             sorted((r for r in wrapping if seen[wrapping_label(r)] <= now - TOKEN_LIFETIME), key=_ref_order)
         )
@@ -1012,12 +1027,20 @@ class KeyStore:
                     faultpoints.reached("doctor.before_destroy")
                     self._hsm.destroy_key(ref)
                     destroyed.append(ref)
+                    if ref.label in pending:
+                        self._catalog.remove_pending_object(ref.label)
                     log.warning("event=doctor_destroyed_orphan label=%s", ref.label)
         for ref in stale:
             self._hsm.destroy_wrapping_key(ref)
             log.warning("event=doctor_destroyed_wrapping_key label=%s", wrapping_label(ref))
         for key in purging:
             self._purge(key)
+        in_hsm_labels = {ref.label for ref in in_hsm}
+        for label, since in pending.items():
+            # A create that died before its HSM write (no object), or whose row did commit:
+            # nothing left to sweep once the grace period is over.
+            if since <= now - self._doctor_grace and label not in in_hsm_labels:
+                self._catalog.remove_pending_object(label)
         return replace(report, fixed=True, destroyed=tuple(destroyed))
 
     def preload(self) -> int:

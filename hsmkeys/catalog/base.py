@@ -326,3 +326,18 @@ class Catalog(Protocol):
     def release_maintenance_lease(self, holder: str) -> None:
         """Let the lease go at once if ``holder`` holds it (a clean shutdown)."""
         ...
+
+    # ------------------------------------------------------------- pending HSM objects
+    def add_pending_object(self, label: str, since: datetime) -> None:
+        """Record, before the HSM write, that an object for a not-yet-committed key is being
+        made (committed at once, in its own transaction unless inside one). Re-adding keeps
+        the first time."""
+        ...
+
+    def remove_pending_object(self, label: str) -> None:
+        """Forget a pending object (with the commit of its key's row). Missing: no error."""
+        ...
+
+    def pending_objects(self) -> dict[str, datetime]:
+        """Every pending object's label and when it was recorded."""
+        ...

@@ -231,6 +231,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO maintenance_lease (id, holder, expires) VALUES (1, '', '-infinity')",
     ),
+    (
+        # Objects being made for keys whose rows are not committed yet (CreateKey): the
+        # sweeper may remove one left by a crash without touching other deployments' keys.
+        """CREATE TABLE pending_objects (
+            label text PRIMARY KEY,
+            since timestamptz NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -812,6 +820,29 @@ class PostgresCatalog:
             return {name: stored.get(name, now) for name in wanted}
 
         return self._write("record_sightings", body, announce=False)
+
+    # ------------------------------------------------------------- pending HSM objects
+
+    def add_pending_object(self, label: str, since: datetime) -> None:
+        self._write(
+            "add_pending_object",
+            lambda conn: conn.execute(
+                "INSERT INTO pending_objects (label, since) VALUES (%s, %s) ON CONFLICT (label) DO NOTHING",
+                (label, _aware(since)),
+            ),
+            announce=False,
+        )
+
+    def remove_pending_object(self, label: str) -> None:
+        self._write(
+            "remove_pending_object",
+            lambda conn: conn.execute("DELETE FROM pending_objects WHERE label = %s", (label,)),
+            announce=False,
+        )
+
+    def pending_objects(self) -> dict[str, datetime]:
+        rows = self._fetch("pending_objects", "SELECT label, since FROM pending_objects", ())
+        return {row[0]: row[1] for row in rows}
 
     # ------------------------------------------------------------- request results
 

@@ -210,6 +210,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO maintenance_lease (id, holder, expires) VALUES (1, '', 0)",
     ),
+    (
+        # Objects being made for keys whose rows are not committed yet (CreateKey): the
+        # sweeper may remove one left by a crash without touching other deployments' keys.
+        """CREATE TABLE pending_objects (
+            label TEXT PRIMARY KEY NOT NULL,
+            since INTEGER NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -731,6 +739,23 @@ class SqliteCatalog:
             new = [(name, _to_us(now)) for name in wanted if name not in stored]
             self._conn.executemany("INSERT INTO doctor_sightings (name, first_seen) VALUES (?, ?)", new)
         return {name: stored.get(name, now) for name in wanted}
+
+    # ------------------------------------------------------------- pending HSM objects
+
+    def add_pending_object(self, label: str, since: datetime) -> None:
+        with self._write("add_pending_object"):
+            self._conn.execute(
+                "INSERT INTO pending_objects (label, since) VALUES (?, ?) ON CONFLICT (label) DO NOTHING",
+                (label, _to_us(since)),
+            )
+
+    def remove_pending_object(self, label: str) -> None:
+        with self._write("remove_pending_object"):
+            self._conn.execute("DELETE FROM pending_objects WHERE label = ?", (label,))
+
+    def pending_objects(self) -> dict[str, datetime]:
+        rows = self._read("pending_objects", "SELECT label, since FROM pending_objects", ())
+        return {row[0]: _from_us(row[1]) for row in rows}
 
     # ------------------------------------------------------------- request results
 

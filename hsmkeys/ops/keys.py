@@ -107,10 +107,13 @@ def create_key(
     )
     first = VersionRecord(key.key_uuid, 1, now)
     if key_origin is not Origin.EXTERNAL:
-        ks._hsm.create_key(first.ref, spec, usage)  # HSM first: a crash leaves an orphan, never a dangling row
+        # HSM first (recorded as pending): a crash leaves an orphan the sweeper removes,
+        # never a row without its object.
+        ks._make_new_key_object(first.ref, spec, usage)
         faultpoints.reached("create_key.hsm_done")
     with ks._catalog.transaction():
         ks._catalog.insert_key(key, first)
+        ks._catalog.remove_pending_object(first.ref.label)
         if tags_to_set:
             ks._catalog.put_tags(key.key_uuid, tags_to_set)
         ks._remember(call, str(key.key_uuid))

@@ -142,15 +142,17 @@ def ensure_key(ks: KeyStore, call: Call, alias_name: str) -> None:
         key_manager=KeyManager.AWS,
     )
     first = VersionRecord(key.key_uuid, 1, now)
-    ks._hsm.create_key(first.ref, key.spec, key.usage)  # HSM first: a crash leaves an orphan only
+    ks._make_new_key_object(first.ref, key.spec, key.usage)  # HSM first: a crash leaves an orphan only
     try:
         with catalog.transaction():
             won = catalog.get_alias(alias_name) is None  # re-checked under the write lock
             if won:
                 catalog.insert_key(key, first)
                 catalog.insert_alias(AliasRecord(alias_name, key.key_uuid, now, now))
+            catalog.remove_pending_object(first.ref.label)
     except BaseException:
         ks._hsm.destroy_key(first.ref)
+        catalog.remove_pending_object(first.ref.label)
         raise
     if not won:
         ks._hsm.destroy_key(first.ref)  # another caller created it first: use theirs

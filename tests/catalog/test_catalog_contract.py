@@ -505,3 +505,15 @@ def _eventually(check: object, within: float = 0.1) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "not seen in time"
         time.sleep(0.001)
+
+
+def test_pending_objects_are_recorded_kept_from_their_first_time_and_removed(catalog: Catalog) -> None:
+    assert catalog.pending_objects() == {}
+    catalog.add_pending_object("hsmkeys/a/v1", T0)
+    catalog.add_pending_object("hsmkeys/a/v1", T0 + timedelta(hours=1))  # re-adding keeps the first time
+    catalog.add_pending_object("hsmkeys/b/v1", T0 + timedelta(minutes=5))
+    assert catalog.pending_objects() == {"hsmkeys/a/v1": T0, "hsmkeys/b/v1": T0 + timedelta(minutes=5)}
+    with catalog.transaction():  # cleared with the commit of the key's row
+        catalog.remove_pending_object("hsmkeys/a/v1")
+    catalog.remove_pending_object("hsmkeys/never")  # missing: no error
+    assert catalog.pending_objects() == {"hsmkeys/b/v1": T0 + timedelta(minutes=5)}

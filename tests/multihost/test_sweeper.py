@@ -1,6 +1,7 @@
 """Crash between the HSM write and the catalog commit, across hosts: instance A is killed
-mid-rotation (after its new HSM object exists, before the row commits); B keeps serving
-and its maintenance sweeper destroys the orphan once the grace period has passed."""
+mid-rotation or mid-CreateKey (after its new HSM object exists, before the row commits);
+B keeps serving and its maintenance sweeper destroys the orphan once the grace period
+has passed."""
 
 from __future__ import annotations
 
@@ -56,3 +57,31 @@ def test_a_host_killed_mid_rotation_leaves_b_serving_and_the_sweeper_repairs(
         a.stop()
         assert b.stop() == 0, "".join(b.lines)
         pg_server.drop_database(database)
+
+
+def test_a_host_killed_mid_create_leaves_a_pending_object_the_other_sweeps(pg_server: PgServer, tmp_path: Path) -> None:
+    database = pg_server.create_database()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    dsn = pg_server.dsn(database)
+    config_a = write_config(tmp_path / "a", shared, dsn, doctor_grace_seconds=GRACE_S)
+    config_b = write_config(tmp_path / "b", shared, dsn, doctor_grace_seconds=GRACE_S)
+    init_token(config_a)
+    a = Instance("a", config_a, shared, env={"HSMKEYS_FAULT_POINTS": "create_key.hsm_done=kill"})
+    b = Instance("b", config_b, shared)
+    try:
+        a.start()
+        b.start()
+        with pytest.raises(Exception):  # noqa: B017 - A dies with the object made, no key row
+            a.client().create_key()
+        assert a.process is not None and a.process.wait(timeout=10) == -9
+        kms = b.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]  # B carries on
+        assert kms.decrypt(CiphertextBlob=kms.encrypt(KeyId=key, Plaintext=b"x")["CiphertextBlob"])["Plaintext"] == b"x"
+        _wait_for(lambda: b.logged("event=doctor_destroyed_orphan"), 15, "B sweeps A's pending object")
+        assert len(kms.list_keys()["Keys"]) == 1  # A's half-made key never existed for clients
+    finally:
+        a.stop()
+        assert b.stop() == 0, "".join(b.lines)
+        pg_server.drop_database(database)
+

@@ -52,3 +52,29 @@ def test_objects_of_keys_the_catalog_does_not_know_are_never_swept_automatically
         clock.advance(seconds=700)
     assert hsm.has_key(foreign)
     assert store.doctor(fix=True).destroyed == (foreign,)  # the operator's explicit fix
+
+
+def test_an_object_of_a_create_that_died_before_its_commit_is_swept(tmp_path: Path) -> None:
+    """CreateKey records the object as pending before the HSM write: the sweeper knows it
+    is this deployment's, although no key row names it."""
+    hsm, clock = MemoryHsm(), FakeClock()
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    store = KeyStore(hsm=hsm, catalog=catalog, clock=clock, doctor_grace_seconds=600)
+    before = hsm.list_key_refs()
+    faultpoints.arm("create_key.hsm_done", "raise:1")
+    try:
+        with pytest.raises(faultpoints.FaultPointError):
+            store.create_key()
+    finally:
+        faultpoints.disarm_all()
+    (orphan,) = hsm.list_key_refs() - before
+    assert catalog.pending_objects().keys() == {orphan.label}
+    assert store.create_key().key_metadata.key_id  # a create that commits leaves no pending row
+    assert catalog.pending_objects().keys() == {orphan.label}
+    swept: tuple[str, ...] = ()
+    for _ in range(4):  # start-up, first sighting, then a sighting past the grace period
+        swept += store.run_maintenance().swept
+        clock.advance(seconds=301)
+    assert swept == (orphan.label,)
+    assert not hsm.has_key(orphan) and catalog.pending_objects() == {}
+    assert store.doctor().consistent

@@ -46,6 +46,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -571,11 +572,14 @@ class Pkcs11Hsm:
         process-wide HSM lock (DependencyTimeoutException after it).
         """
         with _LOCK:
+            first_load = module not in pkcs11._loaded
             try:
                 lib = _load_module(module)
             except ckr.PKCS11Error as exc:
                 raise ConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
-            token = _find_token(lib, module, token_label)
+            token = _find_token_loaded_now(lib, module, token_label) if first_load else _find_token(
+                lib, module, token_label
+            )
             session = _login(token, pin)
         return cls(
             module=module,
@@ -1630,6 +1634,30 @@ def _login(token: Token, pin: str) -> Session:
     except ckr.PKCS11Error as exc:
         raise KMSInternalException(f"cannot open an HSM session: {type(exc).__name__}") from None
 
+
+
+_TOKEN_SCAN_ATTEMPTS: Final = 4
+
+
+def _find_token_loaded_now(lib: Pkcs11Lib, module: str, token_label: str) -> Token:
+    """:func:`_find_token` right after this process loaded the module (no other instance
+    uses it yet). SoftHSM2 reads its token directory at C_Initialize; another process
+    writing that token at the same moment (a sibling worker starting up) can make it skip
+    the token. Seen as NoSuchToken: read the directory again (finalize, initialize) a few
+    times before giving up."""
+    for attempt in range(_TOKEN_SCAN_ATTEMPTS):
+        try:
+            return _find_token(lib, module, token_label)
+        except ConfigError:
+            if attempt == _TOKEN_SCAN_ATTEMPTS - 1:
+                raise
+            log.warning("hsm_token_not_found_rescanning module=%s attempt=%d", module, attempt + 1)
+            _GENERATION[module] = _GENERATION.get(module, 0) + 1
+            with suppress(ckr.PKCS11Error):
+                lib.finalize()
+            time.sleep(0.1 * (attempt + 1))
+            lib.initialize()
+    raise AssertionError("unreachable")
 
 
 def _find_token(lib: Pkcs11Lib, module: str, token_label: str) -> Token:

@@ -1086,7 +1086,6 @@ class Pkcs11Hsm:
         point = peer.public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
-        size = (peer.curve.key_size + 7) // 8
 
         def run(objects: _KeyObjects) -> bytes:
             key = objects.private
@@ -1095,23 +1094,7 @@ class Pkcs11Hsm:
             curve = _CURVE_BY_PARAMS.get(bytes(key[Attribute.EC_PARAMS]))
             if curve is None or curve.name != peer.curve.name:
                 raise ValidationException("PublicKey is not on the curve of the KMS key.")
-            secret = key.derive_key(
-                KeyType.GENERIC_SECRET,
-                size * 8,
-                store=False,
-                capabilities=MechanismFlag(0),
-                mechanism=Mechanism.ECDH1_DERIVE,
-                mechanism_param=(KDF.NULL, None, point),
-                template={
-                    Attribute.TOKEN: False,
-                    Attribute.SENSITIVE: False,
-                    Attribute.EXTRACTABLE: True,
-                },
-            )
-            try:
-                return bytes(secret[Attribute.VALUE])
-            finally:
-                secret.destroy()
+            return _ecdh_secret(key, peer.curve, point)
 
         return self._with_objects(ref, "derive", run)
 
@@ -1529,20 +1512,8 @@ class Pkcs11Hsm:
             point = peer.public_key().public_bytes(
                 serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
             )
-            shared = private.derive_key(
-                KeyType.GENERIC_SECRET,
-                ((curve.key_size + 7) // 8) * 8,
-                store=False,
-                capabilities=MechanismFlag(0),
-                mechanism=Mechanism.ECDH1_DERIVE,
-                mechanism_param=(KDF.NULL, None, point),
-                template={Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
-            )
-            try:
-                # A secret with a throwaway peer: it tells nothing about the imported key.
-                same = hmac.compare_digest(bytes(shared[Attribute.VALUE]), peer.exchange(ec.ECDH(), given))
-            finally:
-                shared.destroy()
+            # A secret with a throwaway peer: it tells nothing about the imported key.
+            same = hmac.compare_digest(_ecdh_secret(private, curve, point), peer.exchange(ec.ECDH(), given))
             if not same:
                 raise IncorrectKeyMaterialException("The public key does not match the imported private key.")
         return bytes(
@@ -1556,6 +1527,24 @@ class Pkcs11Hsm:
 
 
 # --------------------------------------------------------------- helpers
+
+
+def _ecdh_secret(private: DeriveMixin, curve: ec.EllipticCurve, point: bytes) -> bytes:
+    """Raw ECDH (CKM_ECDH1_DERIVE, no KDF) of ``private`` with the uncompressed ``point``,
+    in the HSM; the derived session object is destroyed once read."""
+    secret = private.derive_key(
+        KeyType.GENERIC_SECRET,
+        ((curve.key_size + 7) // 8) * 8,
+        store=False,
+        capabilities=MechanismFlag(0),
+        mechanism=Mechanism.ECDH1_DERIVE,
+        mechanism_param=(KDF.NULL, None, point),
+        template={Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+    )
+    try:
+        return bytes(secret[Attribute.VALUE])
+    finally:
+        secret.destroy()
 
 
 def _recover_public(private: Object, curve: ec.EllipticCurve, usage: KeyUsage) -> ec.EllipticCurvePublicKey:
@@ -1581,20 +1570,8 @@ def _recover_public(private: Object, curve: ec.EllipticCurve, usage: KeyUsage) -
     base = ec.derive_private_key(1, curve).public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    shared = private.derive_key(
-        KeyType.GENERIC_SECRET,
-        ((curve.key_size + 7) // 8) * 8,
-        store=False,
-        capabilities=MechanismFlag(0),
-        mechanism=Mechanism.ECDH1_DERIVE,
-        mechanism_param=(KDF.NULL, None, base),
-        template={Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
-    )
-    try:
-        # x(d·G) is the public point's abscissa: public data, not a secret.
-        x = int.from_bytes(bytes(shared[Attribute.VALUE]), "big")
-    finally:
-        shared.destroy()
+    # x(d·G) is the public point's abscissa: public data, not a secret.
+    x = int.from_bytes(_ecdh_secret(private, curve, base), "big")
     point = ecpoint.even_point(params, x)
     if point is None:
         raise IncorrectKeyMaterialException("The public key of the imported EC key could not be recovered.")

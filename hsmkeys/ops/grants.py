@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -251,21 +252,7 @@ def create_grant(
                     call.used(ks._arn(key.key_uuid), None)
                     return CreateGrantResult(make_token(key.key_uuid, existing.grant_id, nonce), existing.grant_id)
         token = make_token(key.key_uuid, grant.grant_id, nonce)
-        ks._catalog.insert_grant(
-            GrantRecord(
-                grant_id=grant.grant_id,
-                key_uuid=grant.key_uuid,
-                token=token,
-                grantee_principal=grant.grantee_principal,
-                operations=grant.operations,
-                issuing_account=grant.issuing_account,
-                created_at=grant.created_at,
-                name=grant.name,
-                retiring_principal=grant.retiring_principal,
-                encryption_context_equals=grant.encryption_context_equals,
-                encryption_context_subset=grant.encryption_context_subset,
-            )
-        )
+        ks._catalog.insert_grant(dataclasses.replace(grant, token=token))
         ks._remember(call, grant.grant_id)
     faultpoints.reached("create_grant.committed")
     call.used(ks._arn(key.key_uuid), None)

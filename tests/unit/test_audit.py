@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_helpers import SLOW, MemoryCheckpoints, hmac_sha256
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,28 +28,9 @@ from hsmkeys.audit import (
 from hsmkeys.catalog.base import AuditCheckpoint
 from hsmkeys.errors import KMSInternalException
 
-KEY = b"k" * 32
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ARN = "arn:aws:kms:eu-west-1:111122223333:key/0d2b4c1e-0000-4000-8000-000000000001"
 ARN2 = "arn:aws:kms:eu-west-1:111122223333:key/0d2b4c1e-0000-4000-8000-000000000002"
-SLOW = 3600.0  # checkpoint_seconds that never elapses within a test
-
-
-def hmac_sha256(data: bytes) -> bytes:
-    return hmac.new(KEY, data, hashlib.sha256).digest()
-
-
-class MemoryCheckpoints:
-    """The catalog's checkpoint table, in memory."""
-
-    def __init__(self) -> None:
-        self.stored: dict[str, AuditCheckpoint] = {}
-
-    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
-        return self.stored.get(log_id)
-
-    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
-        self.stored[checkpoint.log_id] = checkpoint
 
 
 def event(i: int = 0, **changes: Any) -> AuditEvent:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import multiprocessing
 import threading
@@ -11,26 +9,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from audit_helpers import SLOW, MemoryCheckpoints, hmac_sha256
+
 from hsmkeys.audit import AuditEvent, AuditLog, audit_log_files, verify_audit_logs
-from hsmkeys.catalog.base import AuditCheckpoint
-
-KEY = b"k" * 32
-SLOW = 3600.0
-
-
-def hmac_sha256(data: bytes) -> bytes:
-    return hmac.new(KEY, data, hashlib.sha256).digest()
-
-
-class MemoryCheckpoints:
-    def __init__(self) -> None:
-        self.stored: dict[str, AuditCheckpoint] = {}
-
-    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
-        return self.stored.get(log_id)
-
-    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
-        self.stored[checkpoint.log_id] = checkpoint
 
 
 def event(request_id: str) -> AuditEvent:

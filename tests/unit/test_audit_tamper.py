@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_helpers import SLOW, MemoryCheckpoints, hmac_sha256
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,24 +27,7 @@ from hsmkeys.audit import (
 )
 from hsmkeys.catalog.base import AuditCheckpoint
 
-KEY = b"k" * 32
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-SLOW = 3600.0
-
-
-def hmac_sha256(data: bytes) -> bytes:
-    return hmac.new(KEY, data, hashlib.sha256).digest()
-
-
-class MemoryCheckpoints:
-    def __init__(self) -> None:
-        self.stored: dict[str, AuditCheckpoint] = {}
-
-    def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
-        return self.stored.get(log_id)
-
-    def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
-        self.stored[checkpoint.log_id] = checkpoint
 
 
 def event(i: int) -> AuditEvent:

@@ -1139,9 +1139,12 @@ def _serve_options(a: argparse.Namespace, configured: ServerSettings) -> ServerS
 
 
 def _cmd_serve(cli: _Cli) -> int:
+    a = cli.args
+    if not a.ephemeral and a.workers == 1 and cli.opener is None:
+        # This process will open the HSM: load its module while the server is imported.
+        KeyStore.start_loading_hsm(cli.settings())
     from hsmkeys.server import runner  # uvicorn and the app only for this command
 
-    a = cli.args
     try:
         if a.ephemeral:
             server = _serve_options(a, ServerSettings())

@@ -112,6 +112,7 @@ from hsmkeys.hsm.base import (
     wrapping_label,
     wrapping_object_id,
 )
+from hsmkeys.hsm.finder import ObjectFinder
 from hsmkeys.models import (
     DataKeyPairSpec,
     EncryptionAlgorithm,
@@ -122,7 +123,7 @@ from hsmkeys.models import (
     SigningAlgorithm,
 )
 
-__all__ = ["Pkcs11Hsm", "module_loaded"]
+__all__ = ["Pkcs11Hsm", "module_loaded", "preload_module"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ T = TypeVar("T")
 #: One lock for every PKCS#11 call in the process when the module runs without OS locking;
 #: also held while a module is loaded.
 _LOCK: Final = threading.RLock()
+#: How long the background index waits before its pass over the token (see _index_in_background).
+_INDEX_START_DELAY_S: Final = 1.0
 #: How long a request waits for that lock (an HSM call that hangs holds it) before
 #: DependencyTimeoutException; RSA-4096 generation takes ~2 s, a 10,000-key index ~1 s.
 DEFAULT_LOCK_TIMEOUT_S: Final = 30.0
@@ -400,6 +403,21 @@ def _load_module(module: str) -> Pkcs11Lib:
     return lib
 
 
+def preload_module(module: str, token_label: str) -> None:
+    """Load and initialise ``module`` now, so that a later :meth:`Pkcs11Hsm.open` finds it
+    loaded: run from a thread, SoftHSM2's read of its token directory at C_Initialize
+    (~1 s for 30,000 objects; the GIL is released) overlaps the caller's other start-up
+    work. Errors are left for ``open`` to meet again and report.
+    """
+    with _LOCK:
+        if module in pkcs11._loaded:
+            return
+        try:
+            _find_token_loaded_now(_load_module(module), module, token_label)
+        except (ckr.PKCS11Error, ConfigError) as exc:
+            log.debug("hsm_preload_failed module=%s error=%s", module, type(exc).__name__)
+
+
 def module_loaded(module: str) -> bool:
     """True if this process has already loaded (and so initialised) the PKCS#11 ``module``.
 
@@ -503,7 +521,11 @@ class Pkcs11Hsm:
         self._indexer: threading.Thread | None = None
         self._destroyed_while_indexing: set[KeyVersionRef] = set()
         self._closed = False
+        self._closing = threading.Event()
         self._oaep_sha256: bool | None = None
+        # Searches skip python-pkcs11's per-object cost (hsmkeys.hsm.finder); a fault-injecting
+        # session wrapper sees python-pkcs11's calls only, so with one every search is python-pkcs11's.
+        self._finder = ObjectFinder(module) if session_wrapper is None else None
 
     # The current thread's lane: its own after use_own_session(), else the shared one.
     def _lane(self) -> _Lane:
@@ -736,6 +758,13 @@ class Pkcs11Hsm:
         self._cache.objects.update(index)
         self._cache.indexed = True
 
+    def _find(self, template: dict[Attribute, Any] | None = None) -> list[Object]:
+        """Every object of the token matching ``template``, bound to this lane's session."""
+        session = self._live_session()
+        if self._finder is None:
+            return list(session.get_objects() if template is None else session.get_objects(template))
+        return self._finder.find(session, template)
+
     def _search(self, ref: KeyVersionRef) -> _KeyObjects | None:
         """One C_FindObjects by CKA_ID (cost grows with the token's object count)."""
         return _again_if_stale(lambda: self._search_once(ref))
@@ -743,7 +772,7 @@ class Pkcs11Hsm:
     def _search_once(self, ref: KeyVersionRef) -> _KeyObjects | None:
         objects = _KeyObjects()
         any_found = False
-        for obj in self._live_session().get_objects({Attribute.ID: ref.object_id}):
+        for obj in self._find({Attribute.ID: ref.object_id}):
             try:
                 label = obj[Attribute.LABEL]
             except _STALE_HANDLE:
@@ -759,7 +788,7 @@ class Pkcs11Hsm:
 
     def _scan_once(self) -> dict[KeyVersionRef, _KeyObjects]:
         index: dict[KeyVersionRef, _KeyObjects] = {}
-        for obj in self._live_session().get_objects():
+        for obj in self._find():
             if obj.object_class not in (
                 ObjectClass.SECRET_KEY,
                 ObjectClass.PRIVATE_KEY,
@@ -794,6 +823,7 @@ class Pkcs11Hsm:
         A background index still scanning finds the instance closed and discards its work.
         """
         self._closed = True
+        self._closing.set()
         with _LOCK:
             lanes = list(self._lanes)
         for lane in lanes:
@@ -833,6 +863,10 @@ class Pkcs11Hsm:
         return not indexer.is_alive()
 
     def _index_in_background(self) -> None:
+        # The first requests search alone: a search run together with the pass's first
+        # C_FindObjects (which cannot pause for it) takes twice as long.
+        if self._closing.wait(_INDEX_START_DELAY_S):
+            return
         lane = _Lane(lock=threading.RLock(), generation=_GENERATION.get(self._module, 0))
         self._local.lane = lane
         try:
@@ -925,7 +959,7 @@ class Pkcs11Hsm:
                 lane.cache.drop(ref)
             if self._indexer is not None and self._indexer.is_alive():
                 self._destroyed_while_indexing.add(ref)
-            return _destroy_matching(self._live_session(), ref.object_id, ref.label)
+            return _destroy_matching(self._find({Attribute.ID: ref.object_id}), ref.label)
 
         destroyed = self._call(f"destroy {ref.label}", _token_write(run), retry=False)
         if destroyed:
@@ -1182,7 +1216,7 @@ class Pkcs11Hsm:
 
         def run() -> bytes:
             session = self._live_session()
-            if any(True for _ in session.get_objects({Attribute.ID: object_id})):
+            if self._find({Attribute.ID: object_id}):
                 raise AlreadyExistsException(f"the HSM already holds {label}")
             public, private = session.generate_keypair(
                 KeyType.RSA,
@@ -1204,7 +1238,7 @@ class Pkcs11Hsm:
     def destroy_wrapping_key(self, ref: KeyVersionRef) -> None:
         def run() -> int:
             self._cache.wrapping.pop(ref, None)
-            return _destroy_matching(self._live_session(), wrapping_object_id(ref), wrapping_label(ref))
+            return _destroy_matching(self._find({Attribute.ID: wrapping_object_id(ref)}), wrapping_label(ref))
 
         if self._call(f"destroy {wrapping_label(ref)}", _token_write(run), retry=False):
             log.info("hsm_wrapping_key_destroyed label=%s", wrapping_label(ref))
@@ -1212,7 +1246,7 @@ class Pkcs11Hsm:
     def list_wrapping_refs(self) -> set[KeyVersionRef]:
         def run() -> set[KeyVersionRef]:
             found: set[KeyVersionRef] = set()
-            for obj in self._live_session().get_objects():
+            for obj in self._find():
                 if obj.object_class not in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                     continue
                 attrs = obj.get_attributes([Attribute.ID, Attribute.LABEL])
@@ -1233,9 +1267,7 @@ class Pkcs11Hsm:
         if key is None:
             label = wrapping_label(ref)
             with self._mapped("lookup"):
-                for obj in self._live_session().get_objects(
-                    {Attribute.ID: wrapping_object_id(ref), Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-                ):
+                for obj in self._find({Attribute.ID: wrapping_object_id(ref), Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
                     if obj[Attribute.LABEL] == label:
                         key = obj
             if key is None:
@@ -1651,10 +1683,10 @@ def _find_token(lib: Pkcs11Lib, module: str, token_label: str) -> Token:
         raise ConfigError(f"several tokens are labelled {token_label!r}") from None
 
 
-def _destroy_matching(session: Session, object_id: bytes, label: str) -> int:
-    """Destroy every object with this CKA_ID and CKA_LABEL (one search); how many went."""
+def _destroy_matching(found: list[Object], label: str) -> int:
+    """Destroy every object ``found`` (one search by CKA_ID) that carries ``label``; how many went."""
     destroyed = 0
-    for obj in list(session.get_objects({Attribute.ID: object_id})):
+    for obj in found:
         if obj[Attribute.LABEL] != label:
             continue
         try:

@@ -714,7 +714,33 @@ class Pkcs11Hsm:
         *,
         decrypt: bool = False,
     ) -> T:
-        """Run ``use`` on the ref's cached objects (an idempotent operation); re-look-up once on a stale handle."""
+        """Run ``use`` on the ref's cached objects (an idempotent operation); re-look-up once on a stale handle.
+
+        The usual case (objects cached, session live, lock free) runs ``use`` directly under
+        the lane's lock; a stale handle or a lost session there goes the whole way through
+        :meth:`_call` (which looks up, recovers and retries), any other PKCS#11 error is
+        mapped as :meth:`_call` maps it.
+        """
+        lane = self._lane()
+        lock = lane.lock
+        if lock.acquire(False):
+            try:
+                objects = lane.cache.objects.get(ref)
+                if (
+                    objects is not None
+                    and not objects.duplicate
+                    and lane.session is not None
+                    and lane.generation == _GENERATION.get(self._module, 0)
+                    and not self._closed
+                ):
+                    try:
+                        return use(objects)
+                    except _STALE_HANDLE + _LOST:
+                        pass  # below, through _call
+                    except ckr.PKCS11Error as exc:
+                        raise _kms_error(exc, what=what, decrypt=decrypt) from None
+            finally:
+                lock.release()
 
         def attempt() -> T:
             for tries in (1, 2):

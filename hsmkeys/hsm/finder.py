@@ -16,6 +16,9 @@ on the python-pkcs11 session the finder was given. Only attribute reads and
 python-pkcs11's rules (an unavailable attribute raises; ``get_attributes`` leaves
 unavailable ones out).
 
+:func:`function_list` (the module's CK_FUNCTION_LIST through ctypes) also serves
+``hsmkeys.hsm.pkcs11``'s own C_Initialize with OS locking.
+
 Return codes become python-pkcs11's exception classes (:data:`_ERRORS`), so callers
 handle a stale handle, a lost session or a dead device exactly as for python-pkcs11's
 calls. An object destroyed between the search and its attribute read is left out.
@@ -34,7 +37,7 @@ from pkcs11 import Attribute, ObjectClass, _pkcs11
 from pkcs11.attributes import AttributeMapper
 from pkcs11.types import Object
 
-__all__ = ["ObjectFinder"]
+__all__ = ["FunctionList", "ObjectFinder", "function_list"]
 
 #: python-pkcs11's session (``pkcs11._pkcs11.Session``): its ``handle`` is not in the
 #: typed ``pkcs11.types.Session``.
@@ -123,10 +126,22 @@ _NAMES: Final = (
 )
 
 
-class _FunctionList(ctypes.Structure):
+class FunctionList(ctypes.Structure):
     """CK_FUNCTION_LIST up to C_FindObjectsFinal (the order is fixed by the standard)."""
 
     _fields_ = (("version", ctypes.c_ubyte * 2), *((name, ctypes.c_void_p) for name in _NAMES))
+
+
+def function_list(module: str) -> tuple[ctypes.CDLL, FunctionList]:
+    """``module`` (dlopen returns the already loaded library) and its CK_FUNCTION_LIST;
+    keep the CDLL as long as the list's pointers are used."""
+    dll = ctypes.CDLL(module)
+    get_function_list = dll.C_GetFunctionList
+    get_function_list.restype = _ULONG
+    get_function_list.argtypes = (ctypes.POINTER(ctypes.POINTER(FunctionList)),)
+    functions = ctypes.POINTER(FunctionList)()
+    _check(get_function_list(ctypes.byref(functions)))
+    return dll, functions.contents
 
 
 _ATTR_P = ctypes.POINTER(_Attr)
@@ -235,14 +250,7 @@ class ObjectFinder:
     """
 
     def __init__(self, module: str) -> None:
-        dll = ctypes.CDLL(module)
-        get_function_list = dll.C_GetFunctionList
-        get_function_list.restype = _ULONG
-        get_function_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionList)),)
-        functions = ctypes.POINTER(_FunctionList)()
-        _check(get_function_list(ctypes.byref(functions)))
-        table = functions.contents
-        self._dll = dll  # keeps the module loaded while the pointers are used
+        self._dll, table = function_list(module)  # the CDLL keeps the module loaded
         self._get_attribute_value = _GET_ATTRIBUTE_VALUE(table.C_GetAttributeValue)
         self._find_init = _FIND_OBJECTS_INIT(table.C_FindObjectsInit)
         self._find = _FIND_OBJECTS(table.C_FindObjects)

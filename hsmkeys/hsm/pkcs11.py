@@ -112,7 +112,7 @@ from hsmkeys.hsm.base import (
     wrapping_label,
     wrapping_object_id,
 )
-from hsmkeys.hsm.finder import ObjectFinder
+from hsmkeys.hsm.finder import ObjectFinder, function_list
 from hsmkeys.models import (
     DataKeyPairSpec,
     EncryptionAlgorithm,
@@ -325,16 +325,6 @@ _CKR_CRYPTOKI_ALREADY_INITIALIZED: Final = 0x191
 _CK_RV_FN = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
 
 
-class _CkVersion(ctypes.Structure):
-    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
-
-
-class _CkFunctionListHead(ctypes.Structure):
-    """The first members of CK_FUNCTION_LIST (the rest are not needed here)."""
-
-    _fields_ = (("version", _CkVersion), ("C_Initialize", _CK_RV_FN), ("C_Finalize", _CK_RV_FN))
-
-
 class _CkInitializeArgs(ctypes.Structure):
     _fields_ = (
         ("CreateMutex", ctypes.c_void_p),
@@ -357,30 +347,23 @@ class _LockingLib(_pkcs11.lib):  # a cdef class whose cpdef initialize a subclas
     """
 
     def __init__(self, so: str) -> None:
-        dll = ctypes.CDLL(so)
-        get_function_list = dll.C_GetFunctionList
-        get_function_list.restype = ctypes.c_ulong
-        get_function_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_CkFunctionListHead)),)
-        functions = ctypes.POINTER(_CkFunctionListHead)()
-        rv = get_function_list(ctypes.byref(functions))
-        if rv != _CKR_OK:
-            raise ckr.PKCS11Error(f"C_GetFunctionList returned {rv:#x}")
-        self._dll = dll  # keeps the module loaded as long as the function list is used
-        self._functions = functions.contents
+        self._dll, functions = function_list(so)  # the CDLL keeps the module loaded
+        self._initialize = _CK_RV_FN(functions.C_Initialize)
+        self._finalize = _CK_RV_FN(functions.C_Finalize)
         self.locking = True
         super().__init__(so)  # calls initialize()
 
     def initialize(self) -> None:
         args = _CkInitializeArgs(flags=_CKF_OS_LOCKING_OK)
-        rv = self._functions.C_Initialize(ctypes.addressof(args))
+        rv = self._initialize(ctypes.addressof(args))
         if rv == _CKR_CANT_LOCK:
             self.locking = False
-            rv = self._functions.C_Initialize(None)
+            rv = self._initialize(None)
         if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise ckr.PKCS11Error(f"C_Initialize returned {rv:#x}")
 
     def finalize(self) -> None:
-        rv = self._functions.C_Finalize(None)
+        rv = self._finalize(None)
         if rv not in (_CKR_OK, _CKR_CRYPTOKI_NOT_INITIALIZED):
             raise ckr.PKCS11Error(f"C_Finalize returned {rv:#x}")
 

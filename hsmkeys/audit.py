@@ -85,7 +85,7 @@ _CHECKPOINT_DOMAIN: Final = b"hsmkeys-audit-checkpoint-v1\n"
 PHASES: Final = frozenset({"intent", "done"})
 # A real line is a few hundred bytes; anything past this at the tail is damage.
 _MAX_LINE: Final = 1 << 20
-_TAIL_CHUNK: Final = 4096
+_TAIL_CHUNK: Final = 1024  # a line is ~400 bytes; grown x4 until one fits
 _ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}\.\d{6}Z")
 
 _EVENT_KEYS: Final = frozenset(
@@ -293,21 +293,25 @@ def _read_tail(fd: int, size: int) -> _FoundTail:
             break
         chunk *= 4
     torn = not buf.endswith(b"\n")
-    parts = body.split(b"\n")
-    whole_last = start == 0 or len(parts) > 1  # else the last line began before buf
-    scan = parts[1:] if start > 0 else parts
-    found_seq = None
-    for text in reversed(scan):
+    cut = body.rfind(b"\n")
+    if start > 0 and cut < 0:  # the last line began before buf
+        return _FoundTail(empty=False, torn=torn)
+    last = body[cut + 1 :]
+    parsed = _loose_parse(last)
+    found_seq = parsed[0] if parsed is not None else _last_seq(body[:cut] if cut >= 0 else b"", partial_first=start > 0)
+    last_hash = _sha256(last + b"\n")
+    tail = None if torn or parsed is None else _ChainTail(parsed[0], last_hash, parsed[1])
+    return _FoundTail(empty=False, torn=torn, tail=tail, last_hash=last_hash, found_seq=found_seq)
+
+
+def _last_seq(before: bytes, *, partial_first: bool) -> int | None:
+    """The seq of the last line of ``before`` that parses (its first line may be cut off)."""
+    lines = before.split(b"\n") if before else []
+    for text in reversed(lines[1:] if partial_first else lines):
         parsed = _loose_parse(text)
         if parsed is not None:
-            found_seq = parsed[0]
-            break
-    if not whole_last:
-        return _FoundTail(empty=False, torn=torn, found_seq=found_seq)
-    last_hash = _sha256(parts[-1] + b"\n")
-    parsed = None if torn else _loose_parse(parts[-1])
-    tail = None if parsed is None else _ChainTail(parsed[0], last_hash, parsed[1])
-    return _FoundTail(empty=False, torn=torn, tail=tail, last_hash=last_hash, found_seq=found_seq)
+            return parsed[0]
+    return None
 
 
 @dataclass(slots=True)

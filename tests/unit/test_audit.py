@@ -195,6 +195,38 @@ def test_reopening_a_signed_log_continues_its_chain(log_path: Path) -> None:
     assert verify([log_path], store).ok
 
 
+@pytest.mark.parametrize("arns", [1, 30, 200])  # lines of ~0.4, ~2.7 and ~17 KiB
+def test_another_writer_between_lines_of_any_length_is_followed_without_a_break(log_path: Path, arns: int) -> None:
+    """Two writers on one file (two server workers): each re-reads the tail the other
+    left, whatever the length of the last line (the tail is read in growing chunks)."""
+    many = tuple(f"{ARN[:-3]}{n:03d}" for n in range(arns))
+    store = MemoryCheckpoints()
+    with (
+        AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as first,
+        AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as second,
+    ):
+        for i in range(6):
+            (first if i % 2 else second).record(event(i, key_arns=many))
+    lines = objects(log_path)
+    assert not any("break" in o for o in lines)
+    assert [o["seq"] for o in lines] == list(range(1, len(lines) + 1))
+    assert verify([log_path], store).ok
+
+
+def test_a_whole_line_without_its_newline_is_a_damaged_tail_continuing_its_seq(log_path: Path) -> None:
+    store = MemoryCheckpoints()
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(1))
+    whole = log_path.read_bytes().splitlines()[-1]
+    seq = json.loads(whole)["seq"]
+    with log_path.open("ab") as handle:
+        handle.write(whole.replace(f'"seq":{seq}'.encode(), f'"seq":{seq + 1}'.encode()))  # no newline
+    with AuditLog(log_path, hmac_sha256, checkpoints=store, checkpoint_seconds=SLOW) as log:
+        log.record(event(2))
+    marker = next(o for o in objects(log_path) if "break" in o)
+    assert marker["break"] == "damaged-tail" and marker["found_seq"] == seq + 1
+
+
 def test_fsync_lines_is_accepted_and_changes_no_format(log_path: Path) -> None:
     with AuditLog(log_path, hmac_sha256, fsync_lines=True, checkpoint_seconds=SLOW) as log:
         log.record(event(1))

@@ -1,9 +1,10 @@
 """The crash harness's victim: KMS work on a shared SoftHSM2 token and catalog until it
 is killed (by a fault point armed through HSMKEYS_FAULT_POINTS, or by the parent).
 
-Every ciphertext is written (fsync'd) to the journal before the next step, as a client
-that got an answer would keep it; a key is noted as doomed before its deletion is
-scheduled. Usage: python crash_child.py WORKDIR SEED (PIN in $CRASH_HSM_PIN, token
+Keys of four kinds are made (AES-256, RSA-2048 and P-256 signing, HMAC-256). Every
+ciphertext, signature and MAC is written (fsync'd) to the journal before the next step,
+as a client that got an answer would keep it; a key is noted as doomed before its
+deletion is scheduled. Usage: python crash_child.py WORKDIR SEED (PIN in $CRASH_HSM_PIN, token
 label in $CRASH_HSM_LABEL)."""
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from hsmkeys.errors import LimitExceededException
 from hsmkeys.hsm.pkcs11 import Pkcs11Hsm
 from hsmkeys.hsm.softhsm import find_module
 from hsmkeys.keystore import KeyStore
-from hsmkeys.models import KeyState
+from hsmkeys.models import KeySpec, KeyState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.reliability.byok import import_symmetric
+
+AUTHENTICATORS = {"RSA_2048": "RSASSA_PSS_SHA_256", "ECC_NIST_P256": "ECDSA_SHA_256", "HMAC_256": "HMAC_SHA_256"}
 
 
 def main() -> None:
@@ -49,18 +52,32 @@ def main() -> None:
         blob = store.encrypt(key_id=key_id, plaintext=plaintext).ciphertext_blob
         note({"key": key_id, "ct": base64.b64encode(blob).decode(), "pt": plaintext.hex()})
 
-    def live_keys() -> list[str]:
+    def authenticate(key_id: str, spec: str) -> None:
+        """A signature or MAC over a random message, journaled for the parent to verify."""
+        message = rng.randbytes(rng.randint(1, 64))
+        algorithm = AUTHENTICATORS[spec]
+        if spec == "HMAC_256":
+            tag = store.generate_mac(key_id=key_id, message=message, mac_algorithm=algorithm).mac
+        else:
+            tag = store.sign(key_id=key_id, message=message, signing_algorithm=algorithm).signature
+        note({"key": key_id, "spec": spec, "alg": algorithm, "msg": message.hex(), "tag": tag.hex()})
+
+    def live_keys(spec: KeySpec = KeySpec.SYMMETRIC_DEFAULT) -> list[str]:
         return [
             str(k.key_uuid)
             for k in store._catalog.list_keys(limit=1000)
-            if k.state is KeyState.ENABLED and k.origin.value == "AWS_KMS"
+            if k.state is KeyState.ENABLED and k.origin.value == "AWS_KMS" and k.spec is spec
         ]
 
     print("ready", flush=True)
     while True:
-        step = rng.choice(("create", "rotate", "import", "delete", "encrypt"))
+        step = rng.choice(("create", "create_other", "rotate", "import", "delete", "encrypt"))
         if step == "create":
             encrypt(store.create_key().key_metadata.key_id)
+        elif step == "create_other":
+            spec = rng.choice(tuple(AUTHENTICATORS))
+            usage = "GENERATE_VERIFY_MAC" if spec == "HMAC_256" else "SIGN_VERIFY"
+            authenticate(store.create_key(key_spec=spec, key_usage=usage).key_metadata.key_id, spec)
         elif step == "rotate" and (keys := live_keys()):
             key_id = rng.choice(keys)
             with contextlib.suppress(LimitExceededException):  # 25 on-demand rotations per key
@@ -68,7 +85,7 @@ def main() -> None:
             encrypt(key_id)
         elif step == "import":
             encrypt(import_symmetric(store))
-        elif step == "delete" and (keys := live_keys()):
+        elif step == "delete" and (keys := live_keys() + live_keys(KeySpec(rng.choice(tuple(AUTHENTICATORS))))):
             key_id = rng.choice(keys)
             note({"doomed": key_id})
             store.schedule_key_deletion(key_id=key_id, pending_window_in_days=7)

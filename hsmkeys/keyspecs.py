@@ -92,3 +92,28 @@ def rsa_oaep_max_plaintext(spec: KeySpec, algorithm: EncryptionAlgorithm) -> int
 def is_rotatable(spec: KeySpec) -> bool:
     """As in AWS KMS, only symmetric encryption keys rotate."""
     return spec is KeySpec.SYMMETRIC_DEFAULT
+
+
+_GRANT_ANY_KEY = frozenset({"CreateGrant", "RetireGrant", "DescribeKey"})
+_GRANT_ENCRYPTION = frozenset({"Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo"})
+_GRANT_BY_USAGE: MappingProxyType[KeyUsage, frozenset[str]] = MappingProxyType(
+    {
+        KeyUsage.ENCRYPT_DECRYPT: _GRANT_ANY_KEY | _GRANT_ENCRYPTION | {"GetPublicKey"},
+        KeyUsage.SIGN_VERIFY: _GRANT_ANY_KEY | {"Sign", "Verify", "GetPublicKey"},
+        KeyUsage.GENERATE_VERIFY_MAC: _GRANT_ANY_KEY | {"GenerateMac", "VerifyMac"},
+        KeyUsage.KEY_AGREEMENT: _GRANT_ANY_KEY | {"DeriveSharedSecret", "GetPublicKey"},
+    }
+)
+_GRANT_SYMMETRIC = _GRANT_ANY_KEY | _GRANT_ENCRYPTION | {
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+}
+
+
+def grant_operations(spec: KeySpec, usage: KeyUsage) -> frozenset[str]:
+    """The grant operations a key supports (KMS's key type table): CreateGrant refuses others."""
+    if spec is KeySpec.SYMMETRIC_DEFAULT:
+        return _GRANT_SYMMETRIC
+    return _GRANT_BY_USAGE[usage]

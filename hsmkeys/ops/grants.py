@@ -32,6 +32,7 @@ from hsmkeys.errors import (
     NotFoundException,
     ValidationException,
 )
+from hsmkeys.keyspecs import grant_operations
 from hsmkeys.models import (
     CreateGrantResult,
     GrantConstraints,
@@ -222,6 +223,12 @@ def create_grant(
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
         ks._require_not_pending_deletion(key)
+        unsupported = [op for op in ops if op not in grant_operations(key.spec, key.usage)]
+        if unsupported:
+            raise ValidationException(
+                f"Grant operations {', '.join(unsupported)} are not supported by a key with "
+                f"key spec {key.spec.value} and key usage {key.usage.value}."
+            )
         if (equals is not None or subset is not None) and key.spec is not KeySpec.SYMMETRIC_DEFAULT:
             raise ValidationException("Encryption context grant constraints need a symmetric encryption KMS key.")
         nonce = ks._hsm.random(16)

@@ -387,6 +387,17 @@ def _allowed_usages(spec: str) -> tuple[str, ...] | None:
         return None
 
 
+def _grantable(spec: str, usage: str) -> frozenset[str] | None:
+    """The grant operations a key of this spec and usage supports (None: not a served pair)."""
+    from hsmkeys import keyspecs
+    from hsmkeys.models import KeySpec, KeyUsage
+
+    try:
+        return keyspecs.grant_operations(KeySpec(spec), KeyUsage(usage))
+    except (ValueError, KeyError):
+        return None
+
+
 def load_file(path: str | Path) -> DesiredFile:
     """Read and validate a provisioning file. Raises ProvisionError listing every problem."""
     path = Path(path)
@@ -531,6 +542,14 @@ def _read_entry(reader: _Reader, node: Node, index: int) -> KeyEntry | None:
     if spec_known and usage is not None and allowed is not None and usage not in allowed:
         where = fields.get("key_usage", fields.get("key_spec", node))
         reader.problem(where, entry, "key_usage", f"{usage} is not allowed for {spec} (allowed: {', '.join(allowed)})")
+    grantable = _grantable(spec, usage) if spec_known and usage is not None else None
+    for grant in values.get("grants") or ():
+        unsupported = [op for op in grant.operations if grantable is not None and op not in grantable]
+        if unsupported:
+            reader.problem(
+                fields["grants"], entry, f"grants ({grant.name})",
+                f"{', '.join(unsupported)} not supported by a key with key_spec {spec} and key_usage {usage}",
+            )  # fmt: skip
     if "policy" in fields and "policy_file" in fields:
         reader.problem(fields["policy_file"], entry, "policy_file", "give policy or policy_file, not both")
     rotation: RotationSpec | None = values.get("rotation")

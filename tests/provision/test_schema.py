@@ -197,6 +197,18 @@ def problems_of(text: str, base_dir: Path | None = None) -> tuple[str, ...]:
         (
             """\
             keys:
+              - alias: alias/signer
+                key_spec: ECC_NIST_P256
+                key_usage: SIGN_VERIFY
+                grants:
+                  - {name: g, grantee: r, operations: [Sign, Encrypt, GenerateDataKey]}
+            """,
+            "keys.yaml:6: alias/signer: grants (g): Encrypt, GenerateDataKey not supported by a key with key_spec ECC_NIST_P256 "
+            "and key_usage SIGN_VERIFY",
+        ),
+        (
+            """\
+            keys:
               - alias: alias/a
                 grants:
                   - {name: g, grantee: r, operations: [Encrypt]}

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hsmkeys.authz import compile_policy
+from hsmkeys.authz import GRANT_OPERATIONS, compile_policy
 from hsmkeys.authz.model import Principal
 from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.clock import FakeClock
@@ -25,6 +26,7 @@ from hsmkeys.errors import (
     LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
+    ValidationException,
 )
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
@@ -308,6 +310,27 @@ def test_retire_grant_by_token_is_for_the_retiring_principal_not_a_bystander(sto
         store.retire_grant(key_id=arn, grant_id=other.grant_id)  # the grantee, allowed by the grant
     with as_caller(store, ADMIN):
         assert store.list_grants(key_id=arn).grants == ()
+
+
+_GRANT_TABLE = json.loads(
+    (Path(__file__).resolve().parent.parent / "vectors" / "grant_operations.json").read_text()
+)["key_types"]
+
+
+@pytest.mark.parametrize("key_type", sorted(_GRANT_TABLE))
+def test_a_grant_may_allow_only_operations_the_key_supports(store: KeyStore, key_type: str) -> None:
+    spec, usage = key_type.split("/")
+    arn = _key(store, key_spec=spec, key_usage=usage)
+    allowed = set(_GRANT_TABLE[key_type])
+    with as_caller(store, ADMIN):
+        for operation in sorted(GRANT_OPERATIONS):
+            if operation in allowed:
+                store.create_grant(key_id=arn, grantee_principal=APP, operations=[operation])
+                continue
+            with pytest.raises(ValidationException, match=operation):
+                store.create_grant(key_id=arn, grantee_principal=APP, operations=["DescribeKey", operation])
+        granted = {op for g in store.list_grants(key_id=arn).grants for op in g.operations}
+    assert granted == allowed  # every refusal stored nothing
 
 
 def test_malformed_grant_tokens_are_invalid_grant_token(store: KeyStore) -> None:

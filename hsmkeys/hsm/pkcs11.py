@@ -296,6 +296,8 @@ _SESSION_LOST: tuple[type[ckr.PKCS11Error], ...] = (
 #: The device is gone: also finalize and re-initialise the module (every handle is void).
 _DEVICE_LOST: tuple[type[ckr.PKCS11Error], ...] = (ckr.DeviceError, ckr.DeviceRemoved, ckr.TokenNotPresent)
 _LOST: tuple[type[ckr.PKCS11Error], ...] = _SESSION_LOST + _DEVICE_LOST
+# What SoftHSM2 answers a key generation that lost a race on its object files.
+_GENERATE_GLITCH: tuple[type[ckr.PKCS11Error], ...] = (ckr.FunctionFailed, ckr.GeneralError)
 #: Import: the wrapped material does not open (tampered, wrong wrapping key).
 _WRAPPED_INVALID: tuple[type[ckr.PKCS11Error], ...] = (
     ckr.GeneralError,
@@ -919,6 +921,21 @@ class Pkcs11Hsm:
                     self._build_index()
             if ref in self._cache.objects:
                 raise AlreadyExistsException(f"the HSM already holds {ref.label}")
+            for attempt in (1, 2):
+                try:
+                    self._cache.objects[ref] = generate(session)
+                    return
+                except _GENERATE_GLITCH as exc:
+                    # SoftHSM2 2.6.1's file store locks its files per process (fcntl), so a
+                    # read by another thread can make a generate fail (softhsm/SoftHSMv2#573).
+                    # The ref is fresh and this thread holds _TOKEN_WRITES: remove what the
+                    # failed call left under it, then generate once more.
+                    log.warning("hsm_create_failed label=%s ckr=%s attempt=%d", ref.label, type(exc).__name__, attempt)
+                    _destroy_matching(self._find({Attribute.ID: ref.object_id}), ref.label)
+                    if attempt == 2:
+                        raise
+
+        def generate(session: Session) -> _KeyObjects:
             objects = _KeyObjects()
             common: dict[str, Any] = {"id": ref.object_id, "label": ref.label, "store": True}
             if spec is KeySpec.SYMMETRIC_DEFAULT:
@@ -954,7 +971,7 @@ class Pkcs11Hsm:
                 )
                 objects.add(public)
                 objects.add(private)
-            self._cache.objects[ref] = objects
+            return objects
 
         self._call(f"create {ref.label}", _token_write(run), retry=False)
         log.info("hsm_key_created label=%s spec=%s usage=%s", ref.label, spec, usage)

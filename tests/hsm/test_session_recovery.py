@@ -8,9 +8,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pkcs11.exceptions as ckr
 import pytest
+from pkcs11 import Attribute
 
 from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.clock import FakeClock
@@ -197,3 +199,55 @@ def test_no_child_of_token_creation_shows_a_pin_in_proc_cmdline(tmp_path: Path) 
         input=pin, text=True, capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)}, timeout=60,
     )
     assert done_login.returncode == 0, done_login.stderr
+
+
+class _GlitchingGenerate:
+    """A session wrapper whose generate_key makes the key, then answers FunctionFailed
+    (the first ``times`` calls): a module that fails a generation and leaves its object."""
+
+    def __init__(self, times: int) -> None:
+        self.times = times
+        self.glitches = 0
+
+    def __call__(self, session: Any) -> Any:
+        outer = self
+
+        class Proxy:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(session, name)
+
+            def generate_key(self, *args: Any, **kwargs: Any) -> Any:
+                key = session.generate_key(*args, **kwargs)
+                if outer.glitches < outer.times:
+                    outer.glitches += 1
+                    raise ckr.FunctionFailed()
+                return key
+
+        return Proxy()
+
+
+def _objects_with_id(hsm: Pkcs11Hsm, ref: KeyVersionRef) -> int:
+    return hsm._call("count", lambda: len(hsm._find({Attribute.ID: ref.object_id})), retry=True)
+
+
+def test_a_failed_generation_is_cleaned_up_and_made_once_more(softhsm_token: SoftHsmToken, hsm: Pkcs11Hsm) -> None:
+    glitch = _GlitchingGenerate(times=1)
+    faulty = Pkcs11Hsm.open(
+        module=softhsm_token.module, token_label=softhsm_token.label, pin=softhsm_token.pin, session_wrapper=glitch
+    )
+    try:
+        ref = KeyVersionRef(uuid.uuid4(), 1)
+        faulty.create_key(ref, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
+        assert glitch.glitches == 1
+        assert _objects_with_id(hsm, ref) == 1  # the failed call's object is gone, not a duplicate
+        iv = os.urandom(12)
+        assert hsm.decrypt_aes_gcm(ref, iv, b"", faulty.encrypt_aes_gcm(ref, iv, b"", b"x")) == b"x"
+
+        glitch.times, glitch.glitches = 2, 0  # fails twice: an error, and nothing left behind
+        lost = KeyVersionRef(uuid.uuid4(), 1)
+        with pytest.raises(KMSInternalException):
+            faulty.create_key(lost, KeySpec.SYMMETRIC_DEFAULT, KeyUsage.ENCRYPT_DECRYPT)
+        assert glitch.glitches == 2
+        assert _objects_with_id(hsm, lost) == 0
+    finally:
+        faulty.close()

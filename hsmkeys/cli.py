@@ -1156,6 +1156,7 @@ def _cmd_serve(cli: _Cli) -> int:
                 account_id=a.account_id,
                 server=server,
                 insecure_http=a.insecure_http,
+                no_audit=a.no_audit,
             )
         else:
             if a.region is not None or a.account_id is not None:
@@ -1784,7 +1785,9 @@ def _parser() -> argparse.ArgumentParser:
         help="allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy)",
     )
     sub.add_argument(
-        "--no-audit", action="store_true", help="serve although audit_log is not set (nothing is audited)"
+        "--no-audit",
+        action="store_true",
+        help="serve although audit_log is not set; with --ephemeral, make no audit log (nothing is audited)",
     )
     sub.add_argument(
         "--access-log", action="store_true", help="log one line per request to stderr (also server.access_log)"

@@ -22,6 +22,10 @@ absolute target (the machine is shared and swings +-30% between runs):
   server_encrypt_vs_moto     hsmkeys serve Encrypt req/s (--workers W) / moto_server req/s   [--server]
   server_cpu_per_request_2w_vs_1w
                              worker CPU per request with --workers 2 / with --workers 1   [--server]
+  server_cpu_per_request_noaudit_vs_raw
+                             as server_cpu_per_request_vs_raw for a --workers 1 server without
+                             the audit writer (serve --ephemeral --no-audit): no target, it
+                             shows what the audit line costs   [--server --audit-off-too]
   server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1 req/s (no target: the load
                              generator shares the 2 cores)                                [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
@@ -964,15 +968,21 @@ def phase_servers(args: argparse.Namespace, token: BenchToken) -> dict[str, Any]
         hsmkeys_cli = shutil.which("hsmkeys") or hsmkeys_cli
     endpoints: list[Endpoint] = []
     servers: list[ServerProcess] = []
+    workers_of: dict[str, int] = {}  # hsmkeys endpoints: their --workers
     try:
-        for workers in sorted({1, 2, args.workers}):
+        variants = [(f"hsmkeys-w{w}", w, []) for w in sorted({1, 2, args.workers})]
+        if args.audit_off_too:
+            variants.append(("hsmkeys-w1-noaudit", 1, ["--no-audit"]))
+        for name, workers, extra in variants:
+            workers_of[name] = workers
             server = ServerProcess(
-                f"hsmkeys-w{workers}",
-                [hsmkeys_cli, "serve", "--ephemeral", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)],
+                name,
+                [hsmkeys_cli, "serve", "--ephemeral", "--host", "127.0.0.1", "--port", "0",
+                 "--workers", str(workers), *extra],
                 base_env,
-            )
+            )  # fmt: skip
             servers.append(server)
-            log(f"starting hsmkeys serve --ephemeral --workers {workers}")
+            log(f"starting hsmkeys serve --ephemeral --workers {workers} {' '.join(extra)}".rstrip())
             url = server.start()
             key_id = _create_key_with_boto3(url, access_key, secret_key)
             endpoints.append(Endpoint(server.name, server, url, key_id, args.requests))
@@ -993,7 +1003,7 @@ def phase_servers(args: argparse.Namespace, token: BenchToken) -> dict[str, Any]
             log(f"server round {round_no + 1}/{args.server_rounds}: raw encrypt {raw_us[-1]:.1f} µs")
             order = endpoints[round_no % len(endpoints) :] + endpoints[: round_no % len(endpoints)]
             for endpoint in order:
-                workers = int(endpoint.name.removeprefix("hsmkeys-w")) if endpoint.name in cpu_us else 0
+                workers = workers_of.get(endpoint.name, 0)
                 before = _worker_counters(endpoint.url, workers) if workers else {}
                 spec = loadgen.LoadSpec(
                     endpoint=endpoint.url,
@@ -1229,6 +1239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-run-seconds", type=float, default=20.0, help="a load run stops early (marked truncated) after this"
     )
     p.add_argument("--server-rounds", type=int, default=3, help="rounds over the servers (medians)")
+    p.add_argument(
+        "--audit-off-too",
+        action="store_true",
+        help="also a one-worker server without the audit writer (what the audit line costs)",
+    )
     p.add_argument("--server-only", action="store_true", help="only the server comparisons (implies --server)")
     p.add_argument("--envelope-only", action="store_true", help="only the envelope (Encryption SDK) phase")
     p.add_argument(
@@ -1409,6 +1424,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios["server_cpu_per_request_vs_raw"] = w1["cpu_us_per_request"] / srv["raw_encrypt_us"]
                 ratios["server_cpu_per_request_2w_vs_1w"] = w2["cpu_us_per_request"] / w1["cpu_us_per_request"]
                 ratios["server_2workers_vs_1"] = w2["req_per_s"] / w1["req_per_s"]
+                if "hsmkeys-w1-noaudit" in srv:
+                    ratios["server_cpu_per_request_noaudit_vs_raw"] = (
+                        srv["hsmkeys-w1-noaudit"]["cpu_us_per_request"] / srv["raw_encrypt_us"]
+                    )
                 if "library" in figures:
                     ratios["server_vs_library"] = (
                         srv[main_name]["req_per_s"] / figures["library"]["encrypt"]["ops_per_s"]
@@ -1420,6 +1439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "server_cpu_per_request_2w_vs_1w",
                 "server_2workers_vs_1",
                 "server_vs_library",
+                *(["server_cpu_per_request_noaudit_vs_raw"] if args.audit_off_too else []),
             ):
                 ratios[name] = None
             guarded("server", servers)
@@ -1459,7 +1479,8 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"{'ratio':<28}{'value':>8}  {'target':<10}{'met':<5}")
-    names = [n for n in (*TARGETS, "server_2workers_vs_1", "server_vs_library", "pg_vs_sqlite_encrypt") if n in report]
+    extras = ("server_cpu_per_request_noaudit_vs_raw", "server_2workers_vs_1", "server_vs_library", "pg_vs_sqlite_encrypt")
+    names = [n for n in (*TARGETS, *extras) if n in report]
     for name in names:
         value = report[name]
         entry = report["targets"].get(name)

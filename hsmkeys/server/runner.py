@@ -230,6 +230,7 @@ def run_ephemeral(
     maintenance_interval_seconds: float = 60.0,
     server: ServerSettings | None = None,
     insecure_http: bool = False,
+    no_audit: bool = False,
 ) -> None:
     """Serve a throwaway SoftHSM2 token and catalog, removed on exit.
 
@@ -239,8 +240,8 @@ def run_ephemeral(
     pair is generated and printed once. ``region`` and ``account_id`` default to
     HSMKEYS_REGION / HSMKEYS_ACCOUNT_ID, else us-east-1 / 111122223333. The audit log
     goes to ``audit_log`` if given, else into the temporary directory; its path is
-    printed at start. ``server`` gives TLS and the access log (its host and port are
-    replaced by ``host`` and ``port``).
+    printed at start; ``no_audit`` serves without one (nothing is audited). ``server``
+    gives TLS and the access log (its host and port are replaced by ``host`` and ``port``).
     """
     with tempfile.TemporaryDirectory(prefix="hsmkeys-ephemeral-") as tmp:
         settings, generated = ephemeral_settings(
@@ -252,11 +253,12 @@ def run_ephemeral(
             maintenance_interval_seconds=maintenance_interval_seconds,
         )
         settings = dataclasses.replace(
-            settings, server=dataclasses.replace(server or ServerSettings(), host=host, port=port)
+            settings,
+            server=dataclasses.replace(server or ServerSettings(), host=host, port=port),
+            audit_log=None if no_audit else settings.audit_log,
         )
-        assert settings.audit_log is not None
         print(f"ephemeral store in {tmp} (removed on exit)", flush=True)
-        print(f"audit log: {settings.audit_log}", flush=True)
+        print(f"audit log: {settings.audit_log or 'none (--no-audit: nothing is audited)'}", flush=True)
         print(f"region: {settings.region} account: {settings.account_id}", flush=True)
         principal = settings.principals[0]
         if generated:
@@ -271,7 +273,7 @@ def run_ephemeral(
             )
         conf = Path(tmp) / softhsm.CONF_NAME
         with _environ("SOFTHSM2_CONF", str(conf)):
-            run_server(settings, workers=workers, ready=ready, insecure_http=insecure_http)
+            run_server(settings, workers=workers, ready=ready, insecure_http=insecure_http, no_audit=no_audit)
 
 
 def ephemeral_settings(

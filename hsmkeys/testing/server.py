@@ -134,6 +134,8 @@ def start_ephemeral_kms(
         raise ValueError(f"access_key_id: 1-128 letters, digits or underscores, got {access_key_id!r}")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key, or neither")
+    if "--no-audit" in serve_args:
+        raise ValueError("an EphemeralKms always has an audit log: --no-audit is not for start_ephemeral_kms")
     tls_args = () if tls_cert is None or tls_key is None else (
         "--tls-cert", str(Path(tls_cert).resolve()), "--tls-key", str(Path(tls_key).resolve()),
     )  # fmt: skip

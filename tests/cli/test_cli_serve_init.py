@@ -90,6 +90,13 @@ def test_serve_ephemeral_leaves_scope_to_the_environment_when_no_flag(run_epheme
     ((_, kwargs),) = run_ephemeral.calls
     assert kwargs["region"] is None and kwargs["account_id"] is None  # HSMKEYS_* or defaults, in the runner
     assert kwargs["server"] == ServerSettings()
+    assert kwargs["no_audit"] is False
+
+
+def test_serve_ephemeral_passes_no_audit(run_ephemeral: Recorder) -> None:
+    assert main(["serve", "--ephemeral", "--no-audit"]) == 0
+    ((_, kwargs),) = run_ephemeral.calls
+    assert kwargs["no_audit"] is True
 
 
 def test_serve_flags_override_the_config_server_section(

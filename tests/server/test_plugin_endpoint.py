@@ -71,3 +71,8 @@ def test_installed_plugin_serves_a_users_own_suite(
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2)
+
+
+def test_start_ephemeral_kms_refuses_no_audit_before_starting_anything() -> None:
+    with pytest.raises(ValueError, match="--no-audit"):
+        start_ephemeral_kms("--no-audit")

@@ -303,3 +303,17 @@ def test_ephemeral_admin_may_do_everything_by_identity_policy(tmp_path: Path) ->
     assert principal.policy == runner.EPHEMERAL_ADMIN_POLICY
     compile_policy(principal.policy, kind="identity")
     assert json.loads(principal.policy)["Statement"] == [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]
+
+
+@pytest.mark.parametrize("no_audit", [False, True])
+def test_ephemeral_no_audit_serves_without_an_audit_log(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_audit: bool
+) -> None:
+    seen: list[tuple[Settings, bool]] = []
+    monkeypatch.setattr(runner, "run_server", lambda settings, **kw: seen.append((settings, kw["no_audit"])))
+    runner.run_ephemeral(port=0, no_audit=no_audit)
+    ((settings, passed),) = seen
+    assert passed is no_audit
+    assert (settings.audit_log is None) is no_audit
+    printed = capsys.readouterr().out
+    assert ("audit log: none (--no-audit" in printed) is no_audit

@@ -223,7 +223,8 @@ def create_grant(
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
         ks._require_not_pending_deletion(key)
-        unsupported = [op for op in ops if op not in grant_operations(key.spec, key.usage)]
+        supported = grant_operations(key.spec, key.usage)
+        unsupported = [op for op in ops if op not in supported]
         if unsupported:
             raise ValidationException(
                 f"Grant operations {', '.join(unsupported)} are not supported by a key with "

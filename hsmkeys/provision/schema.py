@@ -394,7 +394,7 @@ def _grantable(spec: str, usage: str) -> frozenset[str] | None:
 
     try:
         return keyspecs.grant_operations(KeySpec(spec), KeyUsage(usage))
-    except (ValueError, KeyError):
+    except ValueError:  # a spec or usage hsmkeys does not serve (reported elsewhere)
         return None
 
 
@@ -542,14 +542,17 @@ def _read_entry(reader: _Reader, node: Node, index: int) -> KeyEntry | None:
     if spec_known and usage is not None and allowed is not None and usage not in allowed:
         where = fields.get("key_usage", fields.get("key_spec", node))
         reader.problem(where, entry, "key_usage", f"{usage} is not allowed for {spec} (allowed: {', '.join(allowed)})")
-    grantable = _grantable(spec, usage) if spec_known and usage is not None else None
-    for grant in values.get("grants") or ():
-        unsupported = [op for op in grant.operations if grantable is not None and op not in grantable]
-        if unsupported:
-            reader.problem(
-                fields["grants"], entry, f"grants ({grant.name})",
-                f"{', '.join(unsupported)} not supported by a key with key_spec {spec} and key_usage {usage}",
-            )  # fmt: skip
+    grantable = None  # checked only against a spec and usage that fit each other
+    if spec_known and usage is not None and (allowed is None or usage in allowed):
+        grantable = _grantable(spec, usage)
+    if grantable is not None:
+        for grant in values.get("grants") or ():
+            unsupported = [op for op in grant.operations if op not in grantable]
+            if unsupported:
+                reader.problem(
+                    fields["grants"], entry, f"grants ({grant.name})",
+                    f"{', '.join(unsupported)} not supported by a key with key_spec {spec} and key_usage {usage}",
+                )  # fmt: skip
     if "policy" in fields and "policy_file" in fields:
         reader.problem(fields["policy_file"], entry, "policy_file", "give policy or policy_file, not both")
     rotation: RotationSpec | None = values.get("rotation")

@@ -29,7 +29,12 @@ from hsmkeys.models import KeySpec, KeyState
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.reliability.byok import import_symmetric
 
-AUTHENTICATORS = {"RSA_2048": "RSASSA_PSS_SHA_256", "ECC_NIST_P256": "ECDSA_SHA_256", "HMAC_256": "HMAC_SHA_256"}
+# key spec -> (key usage, the algorithm its signatures or MACs are made with)
+AUTHENTICATORS = {
+    "RSA_2048": ("SIGN_VERIFY", "RSASSA_PSS_SHA_256"),
+    "ECC_NIST_P256": ("SIGN_VERIFY", "ECDSA_SHA_256"),
+    "HMAC_256": ("GENERATE_VERIFY_MAC", "HMAC_SHA_256"),
+}
 
 
 def main() -> None:
@@ -55,8 +60,8 @@ def main() -> None:
     def authenticate(key_id: str, spec: str) -> None:
         """A signature or MAC over a random message, journaled for the parent to verify."""
         message = rng.randbytes(rng.randint(1, 64))
-        algorithm = AUTHENTICATORS[spec]
-        if spec == "HMAC_256":
+        usage, algorithm = AUTHENTICATORS[spec]
+        if usage == "GENERATE_VERIFY_MAC":
             tag = store.generate_mac(key_id=key_id, message=message, mac_algorithm=algorithm).mac
         else:
             tag = store.sign(key_id=key_id, message=message, signing_algorithm=algorithm).signature
@@ -76,7 +81,7 @@ def main() -> None:
             encrypt(store.create_key().key_metadata.key_id)
         elif step == "create_other":
             spec = rng.choice(tuple(AUTHENTICATORS))
-            usage = "GENERATE_VERIFY_MAC" if spec == "HMAC_256" else "SIGN_VERIFY"
+            usage = AUTHENTICATORS[spec][0]
             authenticate(store.create_key(key_spec=spec, key_usage=usage).key_metadata.key_id, spec)
         elif step == "rotate" and (keys := live_keys()):
             key_id = rng.choice(keys)

@@ -36,6 +36,8 @@ def test_operations_table_has_one_row_per_model_operation_and_serves_the_operati
     assert names == set(KmsWire.load().operations) and len(rows) - 1 == len(names)
     # every unserved operation has a reason written for it, not the fallback
     assert names - served <= set(NOT_SERVED_BECAUSE)
+    # and no served operation keeps a stale reason for not being served
+    assert not served & set(NOT_SERVED_BECAUSE)
 
 
 def test_operations_table_says_why_custom_key_stores_and_multi_region_are_not_served() -> None:

@@ -26,6 +26,10 @@ absolute target (the machine is shared and swings +-30% between runs):
                              as server_cpu_per_request_vs_raw for a --workers 1 server without
                              the audit writer (serve --ephemeral --no-audit): no target, it
                              shows what the audit line costs   [--server --audit-off-too]
+  server_cpu_per_request_2w_vs_1w_noaudit
+                             as server_cpu_per_request_2w_vs_1w for two servers without the
+                             audit writer: no target, it shows what the workers' shared audit
+                             chain (one flock and tail for all) costs   [--server --audit-off-too]
   server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1 req/s (no target: the load
                              generator shares the 2 cores)                                [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]
@@ -972,7 +976,7 @@ def phase_servers(args: argparse.Namespace, token: BenchToken) -> dict[str, Any]
     try:
         variants = [(f"hsmkeys-w{w}", w, []) for w in sorted({1, 2, args.workers})]
         if args.audit_off_too:
-            variants.append(("hsmkeys-w1-noaudit", 1, ["--no-audit"]))
+            variants += [("hsmkeys-w1-noaudit", 1, ["--no-audit"]), ("hsmkeys-w2-noaudit", 2, ["--no-audit"])]
         for name, workers, extra in variants:
             workers_of[name] = workers
             server = ServerProcess(
@@ -1242,7 +1246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--audit-off-too",
         action="store_true",
-        help="also a one-worker server without the audit writer (what the audit line costs)",
+        help="also one- and two-worker servers without the audit writer (what the audit line costs)",
     )
     p.add_argument("--server-only", action="store_true", help="only the server comparisons (implies --server)")
     p.add_argument("--envelope-only", action="store_true", help="only the envelope (Encryption SDK) phase")
@@ -1425,8 +1429,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios["server_cpu_per_request_2w_vs_1w"] = w2["cpu_us_per_request"] / w1["cpu_us_per_request"]
                 ratios["server_2workers_vs_1"] = w2["req_per_s"] / w1["req_per_s"]
                 if "hsmkeys-w1-noaudit" in srv:
-                    ratios["server_cpu_per_request_noaudit_vs_raw"] = (
-                        srv["hsmkeys-w1-noaudit"]["cpu_us_per_request"] / srv["raw_encrypt_us"]
+                    w1_plain = srv["hsmkeys-w1-noaudit"]["cpu_us_per_request"]
+                    ratios["server_cpu_per_request_noaudit_vs_raw"] = w1_plain / srv["raw_encrypt_us"]
+                    ratios["server_cpu_per_request_2w_vs_1w_noaudit"] = (
+                        srv["hsmkeys-w2-noaudit"]["cpu_us_per_request"] / w1_plain
                     )
                 if "library" in figures:
                     ratios["server_vs_library"] = (
@@ -1439,7 +1445,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "server_cpu_per_request_2w_vs_1w",
                 "server_2workers_vs_1",
                 "server_vs_library",
-                *(["server_cpu_per_request_noaudit_vs_raw"] if args.audit_off_too else []),
+                *(
+                    ["server_cpu_per_request_noaudit_vs_raw", "server_cpu_per_request_2w_vs_1w_noaudit"]
+                    if args.audit_off_too
+                    else []
+                ),
             ):
                 ratios[name] = None
             guarded("server", servers)
@@ -1479,7 +1489,13 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"{'ratio':<28}{'value':>8}  {'target':<10}{'met':<5}")
-    extras = ("server_cpu_per_request_noaudit_vs_raw", "server_2workers_vs_1", "server_vs_library", "pg_vs_sqlite_encrypt")
+    extras = (
+        "server_cpu_per_request_noaudit_vs_raw",
+        "server_cpu_per_request_2w_vs_1w_noaudit",
+        "server_2workers_vs_1",
+        "server_vs_library",
+        "pg_vs_sqlite_encrypt",
+    )
     names = [n for n in (*TARGETS, *extras) if n in report]
     for name in names:
         value = report[name]

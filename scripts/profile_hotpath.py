@@ -405,7 +405,9 @@ def phase_server(args: argparse.Namespace, token: bench.BenchToken) -> dict[str,
     env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     cli = str(Path(sys.executable).parent / "hsmkeys")
     server = bench.ServerProcess(
-        "hsmkeys-w1", [cli, "serve", "--ephemeral", "--host", "127.0.0.1", "--port", "0", "--workers", "1"], env
+        "hsmkeys-w1", [cli, "serve", "--ephemeral", "--host", "127.0.0.1", "--port", "0", "--workers", "1"]
+        + (["--no-audit"] if args.no_audit else []),
+        env,
     )
     spy_dir = Path(args.keep_samples) if args.keep_samples else Path(tempfile.mkdtemp(prefix="hsmkeys-profile-server-"))
     spy_dir.mkdir(parents=True, exist_ok=True)
@@ -553,6 +555,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-library", action="store_true", help="skip the library scenarios")
     p.add_argument("--server", action="store_true", help="also profile hsmkeys serve --workers 1 under load")
     p.add_argument("--server-rounds", type=int, default=3, help="rounds (one plain + one py-spy run each)")
+    p.add_argument("--no-audit", action="store_true", help="serve with --no-audit (to compare the audit's cost)")
     p.add_argument("--clients", type=int, default=6, help="load generator processes")
     p.add_argument("--requests", type=int, default=12_000, help="requests per load run")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

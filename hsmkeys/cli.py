@@ -273,7 +273,7 @@ def _all_aliases(store: KeyStore, key_id: str | None = None) -> ListAliasesResul
     found: list[AliasListEntry] = []
     marker: str | None = None
     while True:
-        page = store.list_aliases(key_id=key_id, limit=1000, marker=marker)
+        page = store.list_aliases(key_id=key_id, limit=100, marker=marker)
         found.extend(page.aliases)
         if not page.truncated:
             return ListAliasesResult(tuple(found), False)

@@ -738,6 +738,16 @@ class KeyStore:
             )
 
     def _metadata(self, key: KeyRecord) -> KeyMetadata:
+        from hsmkeys.ops.common import key_material_id
+
+        # CurrentKeyMaterialId: symmetric encryption keys that have key material. An
+        # EXTERNAL key has none while PendingImport, nor when scheduled for deletion from
+        # there: ImportKeyMaterial sets its ExpirationModel and removing the material clears it.
+        material_id = None
+        if key.spec is KeySpec.SYMMETRIC_DEFAULT and key.state is not KeyState.PENDING_IMPORT and (
+            key.origin is not Origin.EXTERNAL or key.expiration_model is not None
+        ):
+            material_id = key_material_id(KeyVersionRef(key.key_uuid, key.current_version))
         return KeyMetadata(
             aws_account_id=self._scope.account_id,
             key_id=str(key.key_uuid),
@@ -751,14 +761,16 @@ class KeyStore:
             key_manager=key.key_manager,
             customer_master_key_spec=key.spec,
             key_spec=key.spec,
+            # PendingDeletionWindowInDays is only for PendingReplicaDeletion (multi-Region
+            # primaries); a single-Region key shows its DeletionDate alone.
             deletion_date=key.deletion_date,
-            pending_deletion_window_in_days=key.pending_window_days,
             encryption_algorithms=keyspecs.encryption_algorithms(key.spec, key.usage),
             signing_algorithms=keyspecs.signing_algorithms(key.spec, key.usage),
             mac_algorithms=keyspecs.mac_algorithms(key.spec, key.usage),
             key_agreement_algorithms=keyspecs.key_agreement_algorithms(key.spec, key.usage),
             valid_to=key.valid_to,
             expiration_model=key.expiration_model,
+            current_key_material_id=material_id,
             current_version=key.current_version,
         )
 
@@ -776,8 +788,10 @@ class KeyStore:
         principal = call.principal.arn if call.principal is not None else ""
         self._catalog.remember_request(principal, call.invocation_id, call.op.name, resource, self._now())
 
-    def _seal(self, call: Call, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]) -> bytes:
-        """Encrypt under the key's current version into a blob.
+    def _seal(
+        self, call: Call, key: KeyRecord, plaintext: bytes, context: Mapping[str, str]
+    ) -> tuple[bytes, KeyVersionRef]:
+        """Encrypt under the key's current version into a blob: (blob, the version used).
 
         Each encryption spends one of the version's AES-GCM budget (a local decrement);
         a spent version is retired and the key rotated first (_retire_spent_version).
@@ -795,7 +809,7 @@ class KeyStore:
             ref, iv, header + ciphertext.canonical_context(context) if context else header, plaintext
         )
         call.used(self._arn(ref.key_uuid), ref.version)
-        return header + body
+        return header + body, ref
 
     def _retire_spent_version(self, call: Call, key: KeyRecord) -> KeyRecord:
         """The key after retiring its spent current version from encryption.

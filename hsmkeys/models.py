@@ -104,6 +104,21 @@ class RotationType(enum.StrEnum):
     ON_DEMAND = "ON_DEMAND"
 
 
+class IncludeKeyMaterial(enum.StrEnum):
+    """ListKeyRotations: which materials to list (ROTATIONS_ONLY is the default)."""
+
+    ALL_KEY_MATERIAL = "ALL_KEY_MATERIAL"
+    ROTATIONS_ONLY = "ROTATIONS_ONLY"
+
+
+class KeyMaterialState(enum.StrEnum):
+    """What a key version is used for: CURRENT encrypts and decrypts, NON_CURRENT only
+    decrypts (hsmkeys has no pending-rotation or multi-Region states)."""
+
+    CURRENT = "CURRENT"
+    NON_CURRENT = "NON_CURRENT"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyVersionRef:
     """Names one key version's object(s) in the HSM."""
@@ -163,6 +178,8 @@ class KeyMetadata:
     key_agreement_algorithms: tuple[KeyAgreementAlgorithm, ...] = ()
     valid_to: datetime | None = None  # imported material's expiry
     expiration_model: str | None = None  # EXTERNAL keys: KEY_MATERIAL_EXPIRES / _DOES_NOT_EXPIRE
+    # Symmetric encryption keys with key material: its id (as ListKeyRotations shows it).
+    current_key_material_id: str | None = None
     current_version: int = 1  # hsmkeys' own; not on the wire
 
 
@@ -183,10 +200,14 @@ class AliasListEntry:
 
 @dataclass(frozen=True, slots=True)
 class RotationsListEntry:
+    """One key material of ListKeyRotations. The first material (listed with
+    IncludeKeyMaterial=ALL_KEY_MATERIAL) has no rotation date or type."""
+
     key_id: str
-    rotation_date: datetime
-    rotation_type: RotationType
+    rotation_date: datetime | None = None
+    rotation_type: RotationType | None = None
     key_material_id: str | None = None
+    key_material_state: KeyMaterialState | None = None
 
 
 # ---------------------------------------------------------------- results
@@ -236,6 +257,7 @@ class DecryptResult:
     plaintext: bytes = field(repr=False)
     encryption_algorithm: EncryptionAlgorithm
     key_version: int = 1  # hsmkeys' own; not on the wire
+    key_material_id: str | None = None  # symmetric keys only (None for RSA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +267,8 @@ class ReEncryptResult:
     key_id: str
     source_encryption_algorithm: EncryptionAlgorithm
     destination_encryption_algorithm: EncryptionAlgorithm
+    source_key_material_id: str | None = None  # a symmetric source only
+    destination_key_material_id: str | None = None  # a symmetric destination only
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +276,14 @@ class GenerateDataKeyResult:
     ciphertext_blob: bytes
     plaintext: bytes = field(repr=False)
     key_id: str
+    key_material_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateDataKeyWithoutPlaintextResult:
     ciphertext_blob: bytes
     key_id: str
+    key_material_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +382,7 @@ class GenerateDataKeyPairResult:
     public_key: bytes
     key_id: str
     key_pair_spec: DataKeyPairSpec
+    key_material_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +391,7 @@ class GenerateDataKeyPairWithoutPlaintextResult:
     public_key: bytes
     key_id: str
     key_pair_spec: DataKeyPairSpec
+    key_material_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,11 +467,13 @@ class GetParametersForImportResult:
 @dataclass(frozen=True, slots=True)
 class ImportKeyMaterialResult:
     key_id: str  # key ARN
+    key_material_id: str | None = None  # symmetric encryption keys only
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteImportedKeyMaterialResult:
     key_id: str  # key ARN
+    key_material_id: str | None = None  # symmetric encryption keys that had material only
 
 
 # ------------------------------------------------ AWS managed keys and key usage

@@ -106,7 +106,7 @@ def delete_alias(ks: KeyStore, call: Call, *, alias_name: str) -> None:
 def list_aliases(
     ks: KeyStore, call: Call, *, key_id: str | None = None, limit: int | None = None, marker: str | None = None
 ) -> ListAliasesResult:
-    size = page_limit(limit)
+    size = page_limit(limit, default=50, high=100)  # ListAliases: 1-100, default 50 (not the model's 1000)
     if marker is not None:
         check_str("marker", marker, min_len=1, max_len=320)
         if not marker.startswith("alias/"):

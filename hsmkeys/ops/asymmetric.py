@@ -59,7 +59,7 @@ from hsmkeys.models import (
     VerifyMacResult,
     VerifyResult,
 )
-from hsmkeys.ops.common import data_key_master, dry_run_error
+from hsmkeys.ops.common import data_key_master, dry_run_error, key_material_id
 from hsmkeys.validation import check_bytes, check_context, check_enum, check_grant_tokens
 
 if TYPE_CHECKING:
@@ -440,7 +440,7 @@ def generate_data_key_pair(
     UnsupportedOperationException (a KMS pair spec hsmkeys does not offer), the
     key-state errors of ``_usable``, DryRunOperationException.
     """
-    spec, private_der, public_der, sealed = _data_key_pair(
+    spec, private_der, public_der, sealed, material_id = _data_key_pair(
         ks,
         call,
         "GenerateDataKeyPair",
@@ -456,6 +456,7 @@ def generate_data_key_pair(
         public_key=public_der,
         key_id=sealed.key_id,
         key_pair_spec=spec,
+        key_material_id=material_id,
     )
 
 
@@ -470,7 +471,7 @@ def generate_data_key_pair_without_plaintext(
     dry_run: bool = False,
 ) -> GenerateDataKeyPairWithoutPlaintextResult:
     """:meth:`generate_data_key_pair` without returning the plaintext private key."""
-    spec, _, public_der, sealed = _data_key_pair(
+    spec, _, public_der, sealed, material_id = _data_key_pair(
         ks,
         call,
         "GenerateDataKeyPairWithoutPlaintext",
@@ -485,6 +486,7 @@ def generate_data_key_pair_without_plaintext(
         public_key=public_der,
         key_id=sealed.key_id,
         key_pair_spec=spec,
+        key_material_id=material_id,
     )
 
 
@@ -497,8 +499,9 @@ def _data_key_pair(
     encryption_context: Mapping[str, str] | None,
     grant_tokens: Sequence[str] | None,
     dry_run: bool,
-) -> tuple[DataKeyPairSpec, bytes, bytes, EncryptResult]:
-    """(spec, PKCS#8 private key, SPKI public key, the private key sealed under ``key_id``)."""
+) -> tuple[DataKeyPairSpec, bytes, bytes, EncryptResult, str]:
+    """(spec, PKCS#8 private key, SPKI public key, the private key sealed under ``key_id``,
+    the id of the key material that sealed it)."""
     check_context("encryptionContext", encryption_context)
     if key_pair_spec in _KMS_ONLY_PAIR_SPECS:
         raise UnsupportedOperationException(f"KeyPairSpec {key_pair_spec} is not supported.")
@@ -510,9 +513,9 @@ def _data_key_pair(
         raise dry_run_error(operation)
     private_der, public_der = ks._hsm.generate_data_key_pair(spec)
     # Sealed exactly as Encrypt seals, so Decrypt opens it; the key checked above is the key used.
-    blob = ks._seal(call, key, private_der, check_context("encryptionContext", encryption_context))
+    blob, ref = ks._seal(call, key, private_der, check_context("encryptionContext", encryption_context))
     sealed = EncryptResult(blob, ks._arn(key.key_uuid), EncryptionAlgorithm.SYMMETRIC_DEFAULT)
-    return spec, private_der, public_der, sealed
+    return spec, private_der, public_der, sealed, key_material_id(ref)
 
 
 # ------------------------------------------------ DeriveSharedSecret

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from hsmkeys.keystore import KeyStore
 
 MAX_GRANTS_PER_KEY = 50000
+# CreateGrant Constraints: "up to 8 encryption context pairs", each value at most 384 characters.
+MAX_CONSTRAINT_PAIRS = 8
+MAX_CONSTRAINT_VALUE = 384
 # Operations that take an encryption context: the only ones a constraint can govern.
 _CONTEXT_OPERATIONS = frozenset(
     {
@@ -124,6 +127,15 @@ def _constraint_maps(
     equals, subset = constraints.encryption_context_equals, constraints.encryption_context_subset
     if equals is not None and subset is not None:
         raise ValidationException("Specify EncryptionContextEquals or EncryptionContextSubset, not both.")
+    for name, pairs in (("encryptionContextEquals", equals), ("encryptionContextSubset", subset)):
+        if pairs is None:
+            continue
+        if len(pairs) > MAX_CONSTRAINT_PAIRS:
+            raise ValidationException(f"A grant constraint ({name}) can hold at most {MAX_CONSTRAINT_PAIRS} pairs.")
+        if any(len(value) > MAX_CONSTRAINT_VALUE for value in pairs.values()):
+            raise ValidationException(
+                f"A grant constraint ({name}) value can be at most {MAX_CONSTRAINT_VALUE} characters."
+            )
     return equals, subset
 
 

@@ -56,6 +56,7 @@ from hsmkeys.models import (
     MacAlgorithm,
     Origin,
 )
+from hsmkeys.ops.common import key_material_id
 from hsmkeys.validation import check_bytes, check_str
 
 if TYPE_CHECKING:
@@ -217,27 +218,37 @@ def import_key_material(
     faultpoints.reached("import.committed")
     ks._hsm.destroy_wrapping_key(wrapping)  # one import per set of parameters
     call.used(ks._arn(key.key_uuid), key.current_version)
-    return ImportKeyMaterialResult(ks._arn(key.key_uuid))
+    return ImportKeyMaterialResult(ks._arn(key.key_uuid), _material_id(key))
 
 
 def delete_imported_key_material(ks: KeyStore, call: Call, *, key_id: str) -> DeleteImportedKeyMaterialResult:
     key = ks._key(call, key_id, alias_ok=False)
     _external(ks, key, "DeleteImportedKeyMaterial")
-    remove_material(ks, key)
+    had_material = remove_material(ks, key)
     call.used(ks._arn(key.key_uuid), None)
-    return DeleteImportedKeyMaterialResult(ks._arn(key.key_uuid))
+    return DeleteImportedKeyMaterialResult(ks._arn(key.key_uuid), _material_id(key) if had_material else None)
 
 
-def remove_material(ks: KeyStore, key: KeyRecord) -> None:
+def _material_id(key: KeyRecord) -> str | None:
+    """The id of an EXTERNAL key's material (the one ListKeyRotations and DescribeKey's
+    CurrentKeyMaterialId show); KMS gives key material ids to symmetric encryption keys only."""
+    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
+        return None
+    return key_material_id(KeyVersionRef(key.key_uuid, key.current_version))
+
+
+def remove_material(ks: KeyStore, key: KeyRecord) -> bool:
     """Destroy the key's material and make it PendingImport (rows first: a crash leaves an
-    orphan object for doctor, never a usable key without material)."""
+    orphan object for doctor, never a usable key without material). Whether the key had
+    material (was not PendingImport already)."""
     with ks._catalog.transaction():
         fresh = ks._catalog.get_key(key.key_uuid)
         if fresh is None or fresh.state in (KeyState.PURGING, KeyState.PENDING_DELETION):
-            return
+            return False
         ks._catalog.update_key(replace(fresh, state=KeyState.PENDING_IMPORT, valid_to=None, expiration_model=None))
     for version in ks._catalog.list_versions(key.key_uuid):
         ks._hsm.destroy_key(version.ref)
+    return fresh.state is not KeyState.PENDING_IMPORT
 
 
 def expire_material(ks: KeyStore) -> list[str]:

@@ -79,8 +79,7 @@ def put_key_policy(
     text = check_policy(policy)
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
-        _check_name(policy_name)
-        ks._require_not_pending_deletion(key)
+        _check_name(policy_name)  # in every key state, pending deletion too (KMS key-state table)
         if not bypass_policy_lockout_safety_check:
             check_lockout(ks, call, text, ks._arn(key.key_uuid))
         ks._catalog.update_key(replace(key, policy=text))

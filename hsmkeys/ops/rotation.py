@@ -17,6 +17,8 @@ from hsmkeys.errors import (
 )
 from hsmkeys.models import (
     GetKeyRotationStatusResult,
+    IncludeKeyMaterial,
+    KeyMaterialState,
     KeyState,
     ListKeyRotationsResult,
     RotateKeyOnDemandResult,
@@ -30,7 +32,7 @@ from hsmkeys.ops.common import (
     key_material_id,
     page_limit,
 )
-from hsmkeys.validation import check_int
+from hsmkeys.validation import check_enum, check_int
 
 if TYPE_CHECKING:
     from hsmkeys.call import Call
@@ -45,8 +47,8 @@ def enable_key_rotation(ks: KeyStore, call: Call, *, key_id: str, rotation_perio
         )
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
+        ks._require_rotatable(key)  # before the state: imported material is refused in any state
         ks._require_enabled(key)
-        ks._require_rotatable(key)
         ks._catalog.update_key(
             replace(key, rotation_period_days=period, next_rotation_at=ks._now() + timedelta(days=period))
         )
@@ -56,17 +58,20 @@ def enable_key_rotation(ks: KeyStore, call: Call, *, key_id: str, rotation_perio
 def disable_key_rotation(ks: KeyStore, call: Call, *, key_id: str) -> None:
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
-        ks._require_enabled(key)
         ks._require_rotatable(key)
+        ks._require_enabled(key)
         ks._catalog.update_key(replace(key, rotation_period_days=None, next_rotation_at=None))
     call.used(ks._arn(key.key_uuid), key.current_version)
 
 
 def get_key_rotation_status(ks: KeyStore, call: Call, *, key_id: str) -> GetKeyRotationStatusResult:
+    """While a key is pending deletion its rotation status is false and it is not
+    rotated; CancelKeyDeletion brings the kept schedule back (as KMS documents)."""
     key = ks._key(call, key_id, alias_ok=False)
-    ks._require_not_pending_deletion(key)
     ks._require_rotatable(key)
     call.used(ks._arn(key.key_uuid), key.current_version)
+    if key.state is KeyState.PENDING_DELETION:
+        return GetKeyRotationStatusResult(key_rotation_enabled=False, key_id=ks._arn(key.key_uuid))
     return GetKeyRotationStatusResult(
         key_rotation_enabled=key.rotation_period_days is not None,
         key_id=ks._arn(key.key_uuid),
@@ -77,8 +82,8 @@ def get_key_rotation_status(ks: KeyStore, call: Call, *, key_id: str) -> GetKeyR
 
 def rotate_key_on_demand(ks: KeyStore, call: Call, *, key_id: str) -> RotateKeyOnDemandResult:
     key = ks._key(call, key_id, alias_ok=False)
-    ks._require_enabled(key)
     ks._require_rotatable(key)
+    ks._require_enabled(key)
     rotate(ks, call, key, RotationType.ON_DEMAND)
     return RotateKeyOnDemandResult(ks._arn(key.key_uuid))
 
@@ -154,7 +159,14 @@ def list_key_rotations(
     limit: int | None = None,
     marker: str | None = None,
 ) -> ListKeyRotationsResult:
+    """The key's materials made by rotations; with ALL_KEY_MATERIAL also the first one
+    (no RotationDate or RotationType), each with its KeyMaterialState."""
     size = page_limit(limit)
+    every = (
+        include_key_material is not None
+        and check_enum(IncludeKeyMaterial, "includeKeyMaterial", include_key_material)
+        is IncludeKeyMaterial.ALL_KEY_MATERIAL
+    )
     after = 0
     if marker is not None:
         if not marker.isdigit():
@@ -163,14 +175,21 @@ def list_key_rotations(
     key = ks._key(call, key_id, alias_ok=False)
     ks._require_rotatable(key)
     arn = ks._arn(key.key_uuid)
-    rotations = [
-        v for v in ks._catalog.list_versions(key.key_uuid) if v.rotation_type is not None and v.version > after
+    listed = [
+        v
+        for v in ks._catalog.list_versions(key.key_uuid)
+        if (every or v.rotation_type is not None) and v.version > after
     ]
-    page, truncated = rotations[:size], len(rotations) > size
+    page, truncated = listed[:size], len(listed) > size
     entries = tuple(
-        RotationsListEntry(arn, v.created_at, v.rotation_type, key_material_id(v.ref))
+        RotationsListEntry(
+            arn,
+            v.created_at if v.rotation_type is not None else None,
+            v.rotation_type,
+            key_material_id(v.ref),
+            KeyMaterialState.CURRENT if v.version == key.current_version else KeyMaterialState.NON_CURRENT,
+        )
         for v in page
-        if v.rotation_type is not None
     )
     call.used(arn, None)
     return ListKeyRotationsResult(entries, truncated, str(page[-1].version) if truncated else None)

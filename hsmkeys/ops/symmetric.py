@@ -23,6 +23,7 @@ from hsmkeys.models import (
     GenerateRandomResult,
     KeySpec,
     KeyUsage,
+    KeyVersionRef,
     ReEncryptResult,
 )
 from hsmkeys.ops import asymmetric
@@ -31,6 +32,7 @@ from hsmkeys.ops.common import (
     MAX_PLAINTEXT,
     data_key_master,
     dry_run_error,
+    key_material_id,
     require_symmetric_algorithm,
 )
 from hsmkeys.validation import (
@@ -60,7 +62,7 @@ def encrypt(
 ) -> EncryptResult:
     data = check_bytes("plaintext", plaintext, min_len=1, max_len=MAX_PLAINTEXT)
     check_grant_tokens(grant_tokens)
-    return seal(ks, call, 0, key_id, data, encryption_context, encryption_algorithm, dry_run)
+    return seal(ks, call, 0, key_id, data, encryption_context, encryption_algorithm, dry_run)[0]
 
 
 def seal(
@@ -72,19 +74,21 @@ def seal(
     encryption_context: Mapping[str, str] | None,
     encryption_algorithm: str | EncryptionAlgorithm | None,
     dry_run: bool,
-) -> EncryptResult:
-    """Encrypt ``data`` under the key named for the call's ``role`` (symmetric or RSA)."""
+) -> tuple[EncryptResult, KeyVersionRef | None]:
+    """Encrypt ``data`` under the key named for the call's ``role`` (symmetric or RSA):
+    the result and the key version used (None for RSA)."""
     context = check_context("encryptionContext", encryption_context)
     key = ks._key(call, key_id, role)
     ks._require_enabled(key)
     ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
     if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-        return asymmetric.encrypt_rsa(ks, call, key, data, encryption_algorithm, encryption_context, dry_run=dry_run)
+        rsa = asymmetric.encrypt_rsa(ks, call, key, data, encryption_algorithm, encryption_context, dry_run=dry_run)
+        return rsa, None
     require_symmetric_algorithm(encryption_algorithm)
     if dry_run:
         raise dry_run_error(call.op.name)
-    blob = ks._seal(call, key, data, context)
-    return EncryptResult(blob, ks._arn(key.key_uuid), EncryptionAlgorithm.SYMMETRIC_DEFAULT)
+    blob, ref = ks._seal(call, key, data, context)
+    return EncryptResult(blob, ks._arn(key.key_uuid), EncryptionAlgorithm.SYMMETRIC_DEFAULT), ref
 
 
 def decrypt(
@@ -129,7 +133,13 @@ def unseal(
     key, version, plaintext = ks._open(call, data, context, expected, role, dry_run=dry_run)
     if dry_run:  # a named key passed every check; _open stopped before the HSM otherwise
         raise dry_run_error(call.op.name)
-    return DecryptResult(ks._arn(key.key_uuid), plaintext, EncryptionAlgorithm.SYMMETRIC_DEFAULT, key_version=version)
+    return DecryptResult(
+        ks._arn(key.key_uuid),
+        plaintext,
+        EncryptionAlgorithm.SYMMETRIC_DEFAULT,
+        key_version=version,
+        key_material_id=key_material_id(KeyVersionRef(key.key_uuid, version)),
+    )
 
 
 def re_encrypt(
@@ -152,7 +162,7 @@ def re_encrypt(
     source = unseal(
         ks, call, 0, ciphertext_blob, source_encryption_context, source_key_id, source_encryption_algorithm, False
     )
-    target = seal(
+    target, target_ref = seal(
         ks,
         call,
         1,
@@ -168,6 +178,8 @@ def re_encrypt(
         key_id=target.key_id,
         source_encryption_algorithm=source.encryption_algorithm,
         destination_encryption_algorithm=target.encryption_algorithm,
+        source_key_material_id=source.key_material_id,
+        destination_key_material_id=key_material_id(target_ref) if target_ref is not None else None,
     )
 
 
@@ -180,7 +192,8 @@ def _data_key(
     encryption_context: Mapping[str, str] | None,
     grant_tokens: Sequence[str] | None,
     dry_run: bool,
-) -> tuple[bytes, bytes, str]:
+) -> tuple[bytes, bytes, str, str]:
+    """(plaintext data key, its blob, key ARN, id of the key material that sealed it)."""
     if (key_spec is None) == (number_of_bytes is None):
         raise ValidationException("Specify either KeySpec or NumberOfBytes, but not both.")
     if key_spec is not None:
@@ -193,7 +206,8 @@ def _data_key(
     if dry_run:
         raise dry_run_error(call.op.name)
     data_key = ks._hsm.random(size)
-    return data_key, ks._seal(call, key, data_key, context), ks._arn(key.key_uuid)
+    blob, ref = ks._seal(call, key, data_key, context)
+    return data_key, blob, ks._arn(key.key_uuid), key_material_id(ref)
 
 
 def generate_data_key(
@@ -208,8 +222,10 @@ def generate_data_key(
     dry_run: bool = False,
 ) -> GenerateDataKeyResult:
     """A fresh data key from the HSM RNG, returned in plaintext once and encrypted under the key."""
-    plain, blob, arn = _data_key(ks, call, key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run)
-    return GenerateDataKeyResult(blob, plain, arn)
+    plain, blob, arn, material_id = _data_key(
+        ks, call, key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run
+    )
+    return GenerateDataKeyResult(blob, plain, arn, material_id)
 
 
 def generate_data_key_without_plaintext(
@@ -223,8 +239,10 @@ def generate_data_key_without_plaintext(
     grant_tokens: Sequence[str] | None = None,
     dry_run: bool = False,
 ) -> GenerateDataKeyWithoutPlaintextResult:
-    _, blob, arn = _data_key(ks, call, key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run)
-    return GenerateDataKeyWithoutPlaintextResult(blob, arn)
+    _, blob, arn, material_id = _data_key(
+        ks, call, key_id, key_spec, number_of_bytes, encryption_context, grant_tokens, dry_run
+    )
+    return GenerateDataKeyWithoutPlaintextResult(blob, arn, material_id)
 
 
 def generate_random(

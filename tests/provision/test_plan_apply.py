@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +287,8 @@ def test_absent_key_is_scheduled_for_deletion_once(provision: RunProvision, kms:
     )
     assert provision("apply", text, "--yes").code == 0
     md = kms.call("DescribeKey", {"KeyId": k})["KeyMetadata"]
-    assert (md["KeyState"], md["PendingDeletionWindowInDays"]) == ("PendingDeletion", 7)
+    assert md["KeyState"] == "PendingDeletion" and "PendingDeletionWindowInDays" not in md  # multi-Region only
+    assert md["DeletionDate"] - md["CreationDate"] >= timedelta(days=7)  # the store's clock is fake
     assert provision("plan", text).out == "no changes\n"
 
 

@@ -280,6 +280,25 @@ def test_rotation_on_demand_keeps_old_ciphertexts_decryptable(
     assert rotations[0]["KeyId"] == key["KeyId"] or rotations[0]["KeyId"] == key["Arn"]
 
 
+def test_list_key_rotations_with_all_key_material_on_the_wire(kms: Any, key: dict[str, Any]) -> None:
+    kms.rotate_key_on_demand(KeyId=key["KeyId"])
+    listed = kms.list_key_rotations(KeyId=key["KeyId"], IncludeKeyMaterial="ALL_KEY_MATERIAL")["Rotations"]
+    first, rotated = listed
+    assert set(first) == {"KeyId", "KeyMaterialId", "KeyMaterialState"}  # no RotationDate/Type
+    assert first["KeyMaterialState"] == "NON_CURRENT"
+    assert (rotated["RotationType"], rotated["KeyMaterialState"]) == ("ON_DEMAND", "CURRENT")
+    assert "RotationDate" in rotated and rotated["KeyMaterialId"] != first["KeyMaterialId"]
+
+
+def test_rotation_status_of_a_key_pending_deletion_is_false(kms: Any, key: dict[str, Any]) -> None:
+    kms.enable_key_rotation(KeyId=key["KeyId"], RotationPeriodInDays=90)
+    kms.schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=7)
+    status = kms.get_key_rotation_status(KeyId=key["KeyId"])
+    assert status["KeyRotationEnabled"] is False and "NextRotationDate" not in status
+    kms.cancel_key_deletion(KeyId=key["KeyId"])
+    assert kms.get_key_rotation_status(KeyId=key["KeyId"])["RotationPeriodInDays"] == 90
+
+
 def test_automatic_rotation_enable_status_disable(
     kms: Any, kms_server: ServerProcess, key: dict[str, Any]
 ) -> None:

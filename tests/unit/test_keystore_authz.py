@@ -281,6 +281,25 @@ def test_grant_constraints_limit_the_encryption_context(store: KeyStore) -> None
                 call()
 
 
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        GrantConstraints(encryption_context_equals={f"k{i}": "v" for i in range(9)}),
+        GrantConstraints(encryption_context_subset={f"k{i}": "v" for i in range(9)}),
+        GrantConstraints(encryption_context_equals={"k": "v" * 385}),
+        GrantConstraints(encryption_context_subset={"k": "v" * 385}),
+    ],
+)
+def test_grant_constraints_take_at_most_8_pairs_of_384_character_values(
+    store: KeyStore, constraints: GrantConstraints
+) -> None:
+    arn = _key(store)
+    with pytest.raises(ValidationException):
+        store.create_grant(key_id=arn, grantee_principal=APP, operations=["Decrypt"], constraints=constraints)
+    most = GrantConstraints(encryption_context_subset={f"k{i}": "v" * 384 for i in range(8)})
+    store.create_grant(key_id=arn, grantee_principal=APP, operations=["Decrypt"], constraints=most)
+
+
 def test_create_grant_with_a_name_is_idempotent_with_a_fresh_token(store: KeyStore) -> None:
     arn = _key(store)
     with as_caller(store, ADMIN):
@@ -368,6 +387,15 @@ def test_key_policy_round_trips_and_defaults_to_the_kms_default(store: KeyStore)
             store.get_key_policy(key_id=arn, policy_name="other")
     with as_caller(store, APP):
         store.encrypt(key_id=arn, plaintext=b"x")
+
+
+def test_a_key_pending_deletion_takes_a_new_policy(store: KeyStore) -> None:
+    arn = _key(store)
+    store.schedule_key_deletion(key_id=arn, pending_window_in_days=7)
+    new = _policy({"Sid": "App", "Effect": "Allow", "Principal": {"AWS": APP}, "Action": "kms:*", "Resource": "*"})
+    with as_caller(store, ADMIN):
+        store.put_key_policy(key_id=arn, policy=new, policy_name="default")  # every key state (KMS key-state table)
+        assert store.get_key_policy(key_id=arn).policy == new
 
 
 @pytest.mark.parametrize(

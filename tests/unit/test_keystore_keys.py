@@ -186,6 +186,20 @@ def test_list_aliases_pages(store: KeyStore, key_id: str) -> None:
     assert [a.alias_name for a in first.aliases + rest.aliases] == [f"alias/a{i}" for i in range(5)]
 
 
+def test_list_aliases_pages_50_by_default_and_takes_at_most_100(store: KeyStore, key_id: str) -> None:
+    other = store.create_key().key_metadata.key_id  # a key holds at most 50 aliases
+    names = [f"alias/n{i:02}" for i in range(60)]
+    for i, name in enumerate(names):
+        store.create_alias(alias_name=name, target_key_id=key_id if i < 30 else other)
+    first = store.list_aliases()
+    assert first.truncated and len(first.aliases) == 50
+    mine = [a for a in store.list_aliases(limit=100).aliases if a.alias_name.startswith("alias/n")]
+    assert [a.alias_name for a in mine] == names  # all 60 fit in one page of 100
+    for bad in (0, 101, 1000):
+        with pytest.raises(ValidationException):
+            store.list_aliases(limit=bad)
+
+
 # ------------------------------------------------------------------ tags
 
 

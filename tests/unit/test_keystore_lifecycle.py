@@ -23,7 +23,14 @@ from hsmkeys.errors import (
 )
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
-from hsmkeys.models import KeySpec, KeyState, KeyUsage, KeyVersionRef, RotationType
+from hsmkeys.models import (
+    KeyMaterialState,
+    KeySpec,
+    KeyState,
+    KeyUsage,
+    KeyVersionRef,
+    RotationType,
+)
 
 
 def _version_of(blob: bytes) -> int:
@@ -110,6 +117,53 @@ def test_rotate_disabled_key_is_disabled_exception(store: KeyStore, key_id: str)
         store.rotate_key_on_demand(key_id=key_id)
     with pytest.raises(DisabledException):
         store.enable_key_rotation(key_id=key_id)
+
+
+def test_rotation_status_is_false_while_pending_deletion_and_comes_back_on_cancel(
+    store: KeyStore, key_id: str, clock: FakeClock
+) -> None:
+    store.enable_key_rotation(key_id=key_id, rotation_period_in_days=90)
+    store.schedule_key_deletion(key_id=key_id, pending_window_in_days=7)
+    status = store.get_key_rotation_status(key_id=key_id)
+    assert (status.key_rotation_enabled, status.rotation_period_in_days, status.next_rotation_date) == (
+        False,
+        None,
+        None,
+    )
+    clock.advance(days=91)  # never rotated while pending deletion
+    assert store.list_key_rotations(key_id=key_id).rotations == ()
+    store.cancel_key_deletion(key_id=key_id)
+    status = store.get_key_rotation_status(key_id=key_id)
+    assert status.key_rotation_enabled and status.rotation_period_in_days == 90
+
+
+def test_list_key_rotations_all_key_material_adds_the_first_and_marks_the_current(
+    store: KeyStore, key_id: str
+) -> None:
+    store.rotate_key_on_demand(key_id=key_id)
+    store.rotate_key_on_demand(key_id=key_id)
+    only = store.list_key_rotations(key_id=key_id).rotations
+    assert [(r.rotation_type, r.key_material_state) for r in only] == [
+        (RotationType.ON_DEMAND, KeyMaterialState.NON_CURRENT),
+        (RotationType.ON_DEMAND, KeyMaterialState.CURRENT),
+    ]
+    assert store.list_key_rotations(key_id=key_id, include_key_material="ROTATIONS_ONLY").rotations == only
+    every = store.list_key_rotations(key_id=key_id, include_key_material="ALL_KEY_MATERIAL").rotations
+    first = every[0]
+    assert (first.rotation_date, first.rotation_type, first.key_material_state) == (
+        None,
+        None,
+        KeyMaterialState.NON_CURRENT,
+    )
+    assert every[1:] == only
+    ids = [r.key_material_id for r in every]
+    assert len(set(ids)) == 3 and all(i is not None and len(i) == 64 for i in ids)
+    paged = store.list_key_rotations(key_id=key_id, include_key_material="ALL_KEY_MATERIAL", limit=2)
+    assert paged.truncated and paged.rotations == every[:2]
+    rest = store.list_key_rotations(key_id=key_id, include_key_material="ALL_KEY_MATERIAL", marker=paged.next_marker)
+    assert rest.rotations == every[2:] and not rest.truncated
+    with pytest.raises(ValidationException):
+        store.list_key_rotations(key_id=key_id, include_key_material="SOME_KEY_MATERIAL")
 
 
 @pytest.mark.parametrize(

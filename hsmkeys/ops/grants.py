@@ -234,7 +234,7 @@ def create_grant(
     check_tokens(grant_tokens)
     with ks._catalog.transaction():
         key = ks._key(call, key_id, alias_ok=False)
-        ks._require_not_pending_deletion(key)
+        ks._require_enabled(key)  # key-state table: Disabled, PendingImport, PendingDeletion refuse
         supported = grant_operations(key.spec, key.usage)
         unsupported = [op for op in ops if op not in supported]
         if unsupported:

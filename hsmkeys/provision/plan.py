@@ -411,6 +411,12 @@ class _Differ:
             if keep is not None:
                 self.add(Action.DELETE, f"grant:{spec.name}", f"revoke duplicate grant {spec.name} on {alias}", *revoke)
                 continue
+            if not self.enabled_now:
+                self.problems.append(
+                    f"{self.entry.where('grants')}: KMS creates grants only on an enabled key, and this key "
+                    f"stays disabled; set enabled: true to create grant {spec.name}"
+                )
+                continue
             create = self.call("CreateGrant", **_grant_params(spec))
             if existing:
                 self.add(Action.UPDATE, f"grant:{spec.name}", f"replace grant {spec.name} on {alias} (revoke + create)",

@@ -345,6 +345,19 @@ def test_rotation_change_on_a_key_that_stays_disabled_is_an_error(provision: Run
     assert "keys.yaml:4: alias/cold: rotation: KMS changes rotation only on an enabled key" in ran.err
 
 
+def test_a_grant_to_create_on_a_key_that_stays_disabled_is_an_error(provision: RunProvision, kms: LocalKms) -> None:
+    k = kms.call("CreateKey", {})["KeyMetadata"]["KeyId"]
+    kms.call("CreateAlias", {"AliasName": "alias/cold", "TargetKeyId": k})
+    kms.call("DisableKey", {"KeyId": k})
+    grant = "    grants:\n      - {name: app, grantee: 'arn:aws:iam::111122223333:role/app', operations: [Decrypt]}\n"
+    ran = provision("plan", "keys:\n  - alias: alias/cold\n    enabled: false\n" + grant)
+    assert ran.code == 1
+    assert "keys.yaml:5: alias/cold: grants: KMS creates grants only on an enabled key" in ran.err
+    # enabling it in the same file: the grant is made while it is enabled
+    assert provision("apply", "keys:\n  - alias: alias/cold\n" + grant, "--yes").code == 0
+    assert [g["Name"] for g in grants_of(kms, "alias/cold")] == ["app"]
+
+
 def test_two_entries_on_one_key_are_an_error(provision: RunProvision, kms: LocalKms) -> None:
     k = kms.call("CreateKey", {})["KeyMetadata"]["KeyId"]
     for name in ("alias/a", "alias/b"):

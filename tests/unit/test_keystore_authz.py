@@ -21,8 +21,10 @@ from hsmkeys.clock import FakeClock
 from hsmkeys.context import CallContext, call_context
 from hsmkeys.errors import (
     AccessDeniedException,
+    DisabledException,
     InvalidGrantTokenException,
     KMSError,
+    KMSInvalidStateException,
     LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
@@ -298,6 +300,21 @@ def test_grant_constraints_take_at_most_8_pairs_of_384_character_values(
         store.create_grant(key_id=arn, grantee_principal=APP, operations=["Decrypt"], constraints=constraints)
     most = GrantConstraints(encryption_context_subset={f"k{i}": "v" * 384 for i in range(8)})
     store.create_grant(key_id=arn, grantee_principal=APP, operations=["Decrypt"], constraints=most)
+
+
+def test_create_grant_needs_an_enabled_key_as_the_key_state_table_says(store: KeyStore) -> None:
+    disabled, external, pending = _key(store), _key(store, origin="EXTERNAL"), _key(store)
+    store.disable_key(key_id=disabled)
+    store.schedule_key_deletion(key_id=pending, pending_window_in_days=7)
+    for arn, error in (
+        (disabled, DisabledException),
+        (external, KMSInvalidStateException),  # pending import
+        (pending, KMSInvalidStateException),
+    ):
+        with pytest.raises(error):
+            store.create_grant(key_id=arn, grantee_principal=APP, operations=["Decrypt"])
+    store.enable_key(key_id=disabled)
+    store.create_grant(key_id=disabled, grantee_principal=APP, operations=["Decrypt"])
 
 
 def test_create_grant_with_a_name_is_idempotent_with_a_fresh_token(store: KeyStore) -> None:

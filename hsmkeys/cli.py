@@ -1503,7 +1503,7 @@ def _parser() -> argparse.ArgumentParser:
         group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, text: str
     ) -> argparse.ArgumentParser:
         sub = group.add_parser(name, parents=[common], help=text, description=text)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, command_parser=sub)
         return sub
 
     def command_group(
@@ -1806,6 +1806,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _require_single_positionals(args: argparse.Namespace) -> None:
+    """A usage error (SystemExit 2) for a one-value positional argparse left as a list:
+    Python 3.11's argparse gives ``[]`` for ``FILE`` in ``keys policy put KEY -- -h --``."""
+    parser: argparse.ArgumentParser = args.command_parser
+    for action in parser._actions:
+        one_value = not action.option_strings and action.nargs is None and action.type is None
+        if one_value and isinstance(getattr(args, action.dest), list):
+            parser.error(f"argument {action.metavar or action.dest}: expected one argument")
+
+
 def main(argv: Sequence[str] | None = None, *, open_store: StoreOpener | None = None) -> int:
     """Run one command; return the exit status (0 ok, 1 a check said no, 2 error).
 
@@ -1813,6 +1823,7 @@ def main(argv: Sequence[str] | None = None, *, open_store: StoreOpener | None = 
     """
     try:
         args = _parser().parse_args(argv)
+        _require_single_positionals(args)
     except SystemExit as exc:  # --help or a usage error; argparse has printed it
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     cli = _Cli(args, open_store)

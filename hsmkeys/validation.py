@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
-from hsmkeys.errors import ValidationException
+from hsmkeys.errors import UnsupportedOperationException, ValidationException
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -51,9 +51,16 @@ def check_int(field: str, value: object, *, low: int, high: int) -> int:
 
 
 def check_enum(enum_type: type[E], field: str, value: object) -> E:
+    """``value`` as a member of ``enum_type``. A value KMS documents but hsmkeys does not
+    serve (models.NOT_SERVED) is UnsupportedOperationException; any other is the
+    ValidationException KMS gives a value outside the enum."""
     try:
         return enum_type(value)
     except ValueError:
+        from hsmkeys.models import NOT_SERVED
+
+        if value in NOT_SERVED.get(enum_type, ()):
+            raise UnsupportedOperationException(f"{field} {value} is not supported by hsmkeys.") from None
         allowed = ", ".join(str(m.value) for m in enum_type)
         raise _fail(field, value, f"satisfy enum value set: [{allowed}]") from None
 

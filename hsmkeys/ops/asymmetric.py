@@ -39,6 +39,7 @@ from hsmkeys.errors import (
     ValidationException,
 )
 from hsmkeys.models import (
+    NOT_SERVED,
     DataKeyPairSpec,
     DecryptResult,
     DeriveSharedSecretResult,
@@ -74,14 +75,6 @@ MAX_PEER_PUBLIC_KEY = 8192  # DeriveSharedSecret PublicKey (PublicKeyType)
 
 # Values in KMS's own enums that hsmkeys does not implement: KMS accepts them as
 # parameters and then refuses them for the key, so they are not ValidationExceptions.
-_KMS_ONLY_SIGNING = frozenset(
-    {"SM2DSA", "ML_DSA_SHAKE_256", "ED25519_SHA_512", "ED25519_PH_SHA_512"}
-)
-_KMS_ONLY_ENCRYPTION = frozenset({"SM2PKE"})
-_KMS_ONLY_PAIR_SPECS = frozenset(
-    {"SM2", "ECC_NIST_EDWARDS25519", "ML_KEM_512", "ML_KEM_768", "ML_KEM_1024"}
-)
-
 _PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
@@ -335,7 +328,7 @@ def decrypt_rsa(
 
 def _rsa_algorithm(ks: KeyStore, key: KeyRecord, algorithm: str | None) -> EncryptionAlgorithm:
     """The OAEP algorithm for an RSA ENCRYPT_DECRYPT key, or the KMS error for ``algorithm``."""
-    if algorithm is not None and algorithm not in _KMS_ONLY_ENCRYPTION:
+    if algorithm is not None and algorithm not in NOT_SERVED[EncryptionAlgorithm]:
         check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm)
     ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
     name = EncryptionAlgorithm.SYMMETRIC_DEFAULT if algorithm is None else algorithm
@@ -503,8 +496,6 @@ def _data_key_pair(
     """(spec, PKCS#8 private key, SPKI public key, the private key sealed under ``key_id``,
     the id of the key material that sealed it)."""
     check_context("encryptionContext", encryption_context)
-    if key_pair_spec in _KMS_ONLY_PAIR_SPECS:
-        raise UnsupportedOperationException(f"KeyPairSpec {key_pair_spec} is not supported.")
     spec = check_enum(DataKeyPairSpec, "keyPairSpec", key_pair_spec)
     check_grant_tokens(grant_tokens)
     # Checked before generating so a wrong key costs no key generation (RSA-4096: seconds).
@@ -564,7 +555,7 @@ def derive_shared_secret(
 
 def _signing_algorithm(value: str) -> SigningAlgorithm | None:
     """The algorithm, None for one KMS knows but hsmkeys lacks, ValidationException otherwise."""
-    if value in _KMS_ONLY_SIGNING:
+    if value in NOT_SERVED[SigningAlgorithm]:
         return None
     return check_enum(SigningAlgorithm, "signingAlgorithm", value)
 

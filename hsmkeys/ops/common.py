@@ -15,7 +15,7 @@ from hsmkeys.errors import (
     TagException,
     ValidationException,
 )
-from hsmkeys.models import EncryptionAlgorithm, KeySpec, KeyUsage, KeyVersionRef, Tag
+from hsmkeys.models import NOT_SERVED, EncryptionAlgorithm, KeySpec, KeyUsage, KeyVersionRef, Tag
 from hsmkeys.validation import check_enum, check_int, check_str
 
 if TYPE_CHECKING:
@@ -56,9 +56,14 @@ def data_key_master(ks: KeyStore, call: Call, key_id: str, operation: str) -> Ke
 
 
 def require_symmetric_algorithm(algorithm: str | EncryptionAlgorithm | None) -> None:
+    """A symmetric key takes SYMMETRIC_DEFAULT; any other algorithm KMS documents (SM2PKE
+    too) is InvalidKeyUsageException, an unknown one ValidationException."""
     if algorithm is None:
         return
-    if check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm) is not EncryptionAlgorithm.SYMMETRIC_DEFAULT:
+    if (
+        algorithm in NOT_SERVED[EncryptionAlgorithm]
+        or check_enum(EncryptionAlgorithm, "encryptionAlgorithm", algorithm) is not EncryptionAlgorithm.SYMMETRIC_DEFAULT
+    ):
         raise InvalidKeyUsageException(f"The encryption algorithm {algorithm} is not valid for this key.")
 
 

@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from hsmkeys.keystore import KeyStore
 
 # KMS's OriginType values hsmkeys does not implement: valid parameters, unsupported operations.
-_KMS_ONLY_ORIGINS = frozenset({"AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"})
-
 
 def create_key(
     ks: KeyStore,
@@ -69,8 +67,6 @@ def create_key(
     usage = check_enum(KeyUsage, "keyUsage", key_usage or KeyUsage.ENCRYPT_DECRYPT)
     if usage not in keyspecs.ALLOWED_USAGES[spec]:
         raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-    if origin is not None and origin in _KMS_ONLY_ORIGINS:
-        raise UnsupportedOperationException(f"Origin {origin} (custom key stores) is not supported")
     key_origin = check_enum(Origin, "origin", origin) if origin is not None else Origin.AWS_KMS
     if custom_key_store_id or xks_key_id:
         raise UnsupportedOperationException("Custom key stores are not supported")

@@ -37,6 +37,13 @@ def _create(cli: RunCli, *args: str) -> str:
     return key_id
 
 
+def test_a_positional_argparse_leaves_empty_is_a_usage_error(cli: RunCli) -> None:
+    # Python 3.11's argparse gives FILE = [] here; it reached Path([]) as a TypeError.
+    ran = cli("keys", "policy", "put", "--", "-h", "--")
+    assert ran.code == 2 and "argument FILE: expected one argument" in ran.err, ran
+    assert "Traceback" not in ran.err
+
+
 # ------------------------------------------------------------------ keys
 
 

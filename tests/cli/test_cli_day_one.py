@@ -143,8 +143,10 @@ def test_data_key_plaintext_decrypts_from_its_blob(cli: RunCli, key_id: str) -> 
 
 def test_data_key_aes_128_json_is_the_kms_shape(cli: RunCli, key_id: str) -> None:
     reply = json.loads(cli("--json", "data-key", "--key-id", key_id, "--key-spec", "AES_128").out)
-    assert set(reply) == {"CiphertextBlob", "Plaintext", "KeyId"}
+    assert set(reply) == {"CiphertextBlob", "Plaintext", "KeyId", "KeyMaterialId"}
     assert len(base64.b64decode(reply["Plaintext"])) == 16
+    described = json.loads(cli("--json", "keys", "describe", key_id).out)["KeyMetadata"]
+    assert reply["KeyMaterialId"] == described["CurrentKeyMaterialId"]
 
 
 def test_data_key_under_an_hmac_key_is_invalid_key_usage(cli: RunCli) -> None:

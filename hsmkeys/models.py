@@ -111,6 +111,12 @@ class IncludeKeyMaterial(enum.StrEnum):
     ROTATIONS_ONLY = "ROTATIONS_ONLY"
 
 
+class DryRunModifier(enum.StrEnum):
+    """Decrypt/ReEncrypt DryRunModifiers: IGNORE_CIPHERTEXT checks authorization only."""
+
+    IGNORE_CIPHERTEXT = "IGNORE_CIPHERTEXT"
+
+
 class KeyMaterialState(enum.StrEnum):
     """What a key version is used for: CURRENT encrypts and decrypts, NON_CURRENT only
     decrypts (hsmkeys has no pending-rotation or multi-Region states)."""

@@ -38,7 +38,6 @@ _NOT_YET = "not implemented yet"
 #: Why a served operation refuses a request member.
 _MEMBER_REASONS: Mapping[str, str] = {
     "Recipient": "Nitro Enclaves attestation",
-    "DryRunModifiers": "dry-run modifiers",
     "GranteeServicePrincipal": "AWS service principals",
     "RetiringServicePrincipal": "AWS service principals",
     "ResourceOwners": "cross-account listing",

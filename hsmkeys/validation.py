@@ -9,6 +9,7 @@ from typing import TypeVar
 from hsmkeys.errors import UnsupportedOperationException, ValidationException
 
 E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
 
 
 def _fail(field: str, value: object, constraint: str) -> ValidationException:
@@ -17,6 +18,15 @@ def _fail(field: str, value: object, constraint: str) -> ValidationException:
         f"1 validation error detected: Value{shown} at '{field}' failed to satisfy constraint: "
         f"Member must {constraint}"
     )
+
+
+def check_present(field: str, value: T | None) -> T:
+    """``value``, or KMS's ValidationException for a required member left out."""
+    if value is None:
+        raise ValidationException(
+            f"1 validation error detected: Value null at '{field}' failed to satisfy constraint: Member must not be null"
+        )
+    return value
 
 
 def check_bytes(field: str, value: object, *, min_len: int, max_len: int) -> bytes:

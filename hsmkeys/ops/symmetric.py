@@ -16,6 +16,7 @@ from hsmkeys.errors import (
 from hsmkeys.models import (
     DataKeySpec,
     DecryptResult,
+    DryRunModifier,
     EncryptionAlgorithm,
     EncryptResult,
     GenerateDataKeyResult,
@@ -41,6 +42,7 @@ from hsmkeys.validation import (
     check_enum,
     check_grant_tokens,
     check_int,
+    check_present,
     check_str,
 )
 
@@ -95,15 +97,23 @@ def decrypt(
     ks: KeyStore,
     call: Call,
     *,
-    ciphertext_blob: bytes,
+    ciphertext_blob: bytes | None = None,  # None only for a dry run with IGNORE_CIPHERTEXT
     encryption_context: Mapping[str, str] | None = None,
     grant_tokens: Sequence[str] | None = None,
     key_id: str | None = None,
     encryption_algorithm: str | EncryptionAlgorithm | None = None,
     dry_run: bool = False,
+    dry_run_modifiers: Sequence[str] | None = None,
 ) -> DecryptResult:
-    """Decrypt a blob from encrypt/generate_data_key. Any tampering: InvalidCiphertextException."""
+    """Decrypt a blob from encrypt/generate_data_key. Any tampering: InvalidCiphertextException.
+
+    DryRun with DryRunModifiers IGNORE_CIPHERTEXT checks only what the caller may do with
+    ``key_id`` (then required): no ciphertext is needed or read.
+    """
     check_grant_tokens(grant_tokens)
+    if _ignore_ciphertext(dry_run, dry_run_modifiers):
+        _dry_run_key(ks, call, 0, key_id, "keyId")
+        raise dry_run_error(call.op.name)
     return unseal(ks, call, 0, ciphertext_blob, encryption_context, key_id, encryption_algorithm, dry_run)
 
 
@@ -111,14 +121,16 @@ def unseal(
     ks: KeyStore,
     call: Call,
     role: int,
-    ciphertext_blob: bytes,
+    ciphertext_blob: bytes | None,
     encryption_context: Mapping[str, str] | None,
     key_id: str | None,
     encryption_algorithm: str | EncryptionAlgorithm | None,
     dry_run: bool,
 ) -> DecryptResult:
     """Decrypt for the call's ``role`` (Decrypt, or ReEncrypt's source)."""
-    data = check_bytes("ciphertextBlob", ciphertext_blob, min_len=1, max_len=MAX_CIPHERTEXT)
+    data = check_bytes(
+        "ciphertextBlob", check_present("ciphertextBlob", ciphertext_blob), min_len=1, max_len=MAX_CIPHERTEXT
+    )
     context = check_context("encryptionContext", encryption_context)
     expected = None
     if key_id is not None:
@@ -146,7 +158,7 @@ def re_encrypt(
     ks: KeyStore,
     call: Call,
     *,
-    ciphertext_blob: bytes,
+    ciphertext_blob: bytes | None = None,  # None only for a dry run with IGNORE_CIPHERTEXT
     destination_key_id: str,
     source_encryption_context: Mapping[str, str] | None = None,
     source_key_id: str | None = None,
@@ -155,10 +167,21 @@ def re_encrypt(
     destination_encryption_algorithm: str | EncryptionAlgorithm | None = None,
     grant_tokens: Sequence[str] | None = None,
     dry_run: bool = False,
+    dry_run_modifiers: Sequence[str] | None = None,
 ) -> ReEncryptResult:
-    """Decrypt and encrypt again in one call; the plaintext never leaves the KeyStore."""
+    """Decrypt and encrypt again in one call; the plaintext never leaves the KeyStore.
+
+    DryRun with DryRunModifiers IGNORE_CIPHERTEXT checks the source key named by
+    ``source_key_id`` (then required) and the destination key, reading no ciphertext.
+    """
     check_str("destinationKeyId", destination_key_id, min_len=1, max_len=2048)
     check_grant_tokens(grant_tokens)
+    if _ignore_ciphertext(dry_run, dry_run_modifiers):
+        _dry_run_key(ks, call, 0, source_key_id, "sourceKeyId")
+        # A dry run stops before the plaintext is used: one placeholder byte stands for it.
+        seal(ks, call, 1, destination_key_id, b"\x00", destination_encryption_context,
+             destination_encryption_algorithm, True)  # fmt: skip
+        raise dry_run_error(call.op.name)  # not reached: seal raised it
     source = unseal(
         ks, call, 0, ciphertext_blob, source_encryption_context, source_key_id, source_encryption_algorithm, False
     )
@@ -181,6 +204,27 @@ def re_encrypt(
         source_key_material_id=source.key_material_id,
         destination_key_material_id=key_material_id(target_ref) if target_ref is not None else None,
     )
+
+
+def _ignore_ciphertext(dry_run: bool, modifiers: Sequence[str] | None) -> bool:
+    """Whether DryRunModifiers asks for a dry run without the ciphertext (it applies only
+    with DryRun; an unknown modifier is a ValidationException)."""
+    if modifiers is None:
+        return False
+    if isinstance(modifiers, str):
+        raise ValidationException("DryRunModifiers must be a list.")
+    for modifier in modifiers:
+        check_enum(DryRunModifier, "dryRunModifiers", modifier)
+    return dry_run and bool(modifiers)
+
+
+def _dry_run_key(ks: KeyStore, call: Call, role: int, key_id: str | None, field: str) -> None:
+    """The checks a call makes on the key it names, for a dry run that reads no ciphertext."""
+    if key_id is None:
+        raise ValidationException(f"{field} is required when DryRunModifiers is IGNORE_CIPHERTEXT.")
+    key = ks._key(call, key_id, role)
+    ks._require_enabled(key)
+    ks._require_usage(key, KeyUsage.ENCRYPT_DECRYPT)
 
 
 def _data_key(

@@ -22,6 +22,7 @@ from hsmkeys.context import CallContext, call_context
 from hsmkeys.errors import (
     AccessDeniedException,
     DisabledException,
+    DryRunOperationException,
     InvalidGrantTokenException,
     KMSError,
     KMSInvalidStateException,
@@ -32,6 +33,7 @@ from hsmkeys.errors import (
 )
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
+from hsmkeys.kmsclient import LocalKms
 from hsmkeys.models import GrantConstraints
 from hsmkeys.operations import OPERATIONS
 
@@ -573,3 +575,50 @@ def test_every_operation_refuses_a_caller_without_permission_and_touches_nothing
     assert catalog.count_keys() == before_rows
     assert set(checked) == set(OPERATIONS)
     catalog.close()
+
+
+# ------------------------------------------------------------------ DryRunModifiers
+
+
+IGNORE = ["IGNORE_CIPHERTEXT"]
+
+
+def test_a_dry_run_ignoring_the_ciphertext_checks_the_callers_permission_on_the_named_key(store: KeyStore) -> None:
+    arn = _key(store, _policy({"Sid": "App", "Effect": "Allow", "Principal": {"AWS": APP},
+                               "Action": ["kms:Decrypt", "kms:ReEncrypt*"], "Resource": "*"}))  # fmt: skip
+    other = _key(store)  # default policy: APP has nothing on it
+    with as_caller(store, APP):
+        with pytest.raises(DryRunOperationException):
+            store.decrypt(key_id=arn, dry_run=True, dry_run_modifiers=IGNORE)
+        with pytest.raises(AccessDeniedException):
+            store.decrypt(key_id=other, dry_run=True, dry_run_modifiers=IGNORE)
+        with pytest.raises(DryRunOperationException):
+            store.re_encrypt(source_key_id=arn, destination_key_id=arn, dry_run=True, dry_run_modifiers=IGNORE)
+        for source, destination in ((arn, other), (other, arn)):
+            with pytest.raises(AccessDeniedException):
+                store.re_encrypt(
+                    source_key_id=source, destination_key_id=destination, dry_run=True, dry_run_modifiers=IGNORE
+                )
+
+
+def test_dry_run_modifiers_on_the_wire(store: KeyStore) -> None:
+    kms = LocalKms(store)
+    key = kms.call("CreateKey", {})["KeyMetadata"]["KeyId"]
+    blob = kms.call("Encrypt", {"KeyId": key, "Plaintext": b"x"})["CiphertextBlob"]
+
+    def code(operation: str, params: dict[str, Any]) -> str:
+        with pytest.raises(KMSError) as caught:
+            kms.call(operation, params)
+        return caught.value.code
+
+    dry = {"DryRun": True, "DryRunModifiers": IGNORE}
+    assert code("Decrypt", {"KeyId": key, **dry}) == "DryRunOperationException"
+    assert code("Decrypt", dry) == "ValidationException"  # no ciphertext: the key must be named
+    assert code("Decrypt", {"KeyId": key, "DryRun": True, "DryRunModifiers": ["SKIP_IT"]}) == "ValidationException"
+    assert code("Decrypt", {"KeyId": key, "DryRunModifiers": IGNORE}) == "ValidationException"  # only with DryRun
+    assert kms.call("Decrypt", {"CiphertextBlob": blob, "DryRunModifiers": IGNORE})["Plaintext"] == b"x"
+    assert code("ReEncrypt", {"SourceKeyId": key, "DestinationKeyId": key, **dry}) == "DryRunOperationException"
+    assert code("ReEncrypt", {"DestinationKeyId": key, **dry}) == "ValidationException"
+    kms.call("DisableKey", {"KeyId": key})
+    assert code("Decrypt", {"KeyId": key, **dry}) == "DisabledException"
+    assert code("ReEncrypt", {"SourceKeyId": key, "DestinationKeyId": key, **dry}) == "DisabledException"

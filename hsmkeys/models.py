@@ -509,15 +509,18 @@ class KeyManager(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class KeyLastUsageData:
-    operation: str  # a KeyLastUsageTrackingOperation: Encrypt, Decrypt, Sign, ...
-    timestamp: datetime
-    cloud_trail_event_id: str  # the audit line's request id
-    kms_request_id: str
+    """The last successful cryptographic use; all None (an empty object on the wire) for
+    a key not used since tracking began."""
+
+    operation: str | None = None  # a KeyLastUsageTrackingOperation: Encrypt, Decrypt, Sign, ...
+    timestamp: datetime | None = None
+    cloud_trail_event_id: str | None = None  # the audit line's request id
+    kms_request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GetKeyLastUsageResult:
     key_id: str  # key ARN
-    tracking_start_date: datetime
+    tracking_start_date: datetime  # tracking's start or the key's creation, whichever is later
     key_creation_date: datetime
-    key_last_usage: KeyLastUsageData | None = None  # None: not used since tracking started
+    key_last_usage: KeyLastUsageData = KeyLastUsageData()  # empty: not used since tracking started

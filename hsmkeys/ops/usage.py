@@ -25,10 +25,12 @@ def get_key_last_usage(ks: KeyStore, call: Call, *, key_id: str) -> GetKeyLastUs
     stored = ks._catalog.get_key_last_use(key.key_uuid)
     pending = ks._usage.pending_last_use(key.key_uuid)
     last = pending if stored is None or (pending is not None and pending.time >= stored.time) else stored
-    usage = None if last is None else KeyLastUsageData(last.operation, last.time, last.request_id, last.request_id)
+    usage = KeyLastUsageData() if last is None else KeyLastUsageData(
+        last.operation, last.time, last.request_id, last.request_id
+    )
     return GetKeyLastUsageResult(
-        key_id=arn,
-        tracking_start_date=ks._catalog.usage_tracking_start(),
+        key_id=arn,  # the key ARN, as every other response's top-level KeyId
+        tracking_start_date=max(ks._catalog.usage_tracking_start(), key.created_at),
         key_creation_date=key.created_at,
         key_last_usage=usage,
     )

@@ -26,6 +26,9 @@ def test_first_use_of_an_aws_alias_creates_a_managed_key(kms: Any) -> None:
 
 def test_get_key_last_usage_names_the_last_cryptographic_request(kms: Any) -> None:
     key = kms.create_key()["KeyMetadata"]["KeyId"]
+    unused = kms.get_key_last_usage(KeyId=key)
+    assert unused["KeyLastUsage"] == {}  # "an empty object" when not used since tracking began
+    assert unused["TrackingStartDate"] >= unused["KeyCreationDate"]
     response = kms.encrypt(KeyId=key, Plaintext=b"x")
     request_id = response["ResponseMetadata"]["RequestId"]
     usage = kms.get_key_last_usage(KeyId=key)

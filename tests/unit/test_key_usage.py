@@ -22,6 +22,7 @@ from hsmkeys.clock import FakeClock
 from hsmkeys.context import CallContext, call_context
 from hsmkeys.hsm.memory import MemoryHsm
 from hsmkeys.keystore import KeyStore
+from hsmkeys.models import KeyLastUsageData
 from hsmkeys.usage import Pricing, UsageReport
 
 ACCOUNT = "111122223333"
@@ -155,7 +156,10 @@ def test_get_key_last_usage_reports_the_last_cryptographic_operation(tmp_path: P
     source = store.create_key().key_metadata.key_id
     dest = store.create_key().key_metadata.key_id
     fresh = store.get_key_last_usage(key_id=source)
-    assert fresh.key_last_usage is None and fresh.key_creation_date == T0
+    assert fresh.key_last_usage == KeyLastUsageData() and fresh.key_creation_date == T0
+    # tracking began before the key existed: the key's creation is its start
+    assert fresh.tracking_start_date == max(fresh.key_creation_date, store._catalog.usage_tracking_start())
+    assert fresh.tracking_start_date >= fresh.key_creation_date
     blob = store.encrypt(key_id=source, plaintext=b"x").ciphertext_blob
     clock.advance(minutes=5)
     with call_context(CallContext(request_id="re-encrypt-1")):
@@ -163,14 +167,13 @@ def test_get_key_last_usage_reports_the_last_cryptographic_operation(tmp_path: P
     store.describe_key(key_id=source)  # not a cryptographic operation
     for key in (source, dest):
         last = store.get_key_last_usage(key_id=key).key_last_usage
-        assert last is not None
         assert (last.operation, last.timestamp, last.kms_request_id, last.cloud_trail_event_id) == (
             "ReEncrypt", T0 + timedelta(minutes=5), "re-encrypt-1", "re-encrypt-1",
         )
     store.close()
     reopened = _open(tmp_path / "catalog.db", clock, hsm)
     last = reopened.get_key_last_usage(key_id=dest).key_last_usage
-    assert last is not None and last.kms_request_id == "re-encrypt-1"
+    assert last.kms_request_id == "re-encrypt-1"
     assert reopened.get_key_last_usage(key_id=dest).tracking_start_date <= datetime.now(UTC)
     reopened.close()
 

@@ -27,6 +27,11 @@ zeros before line 1). Three kinds of line:
   the sequence after the marker instead of silently starting a new chain, so
   :func:`verify_audit_logs` still reports the damage.
 
+A multi-worker server gives each worker a chain of its own (:func:`writer_log_path`:
+``<path>`` for the first, ``<path>.w<n>`` for the others); :func:`audit_log_chains`
+lists them for verification and rotation. One chain is also safe for several
+processes (the CLI beside the first worker): they take turns under the file's flock.
+
 Every file starts with a checkpoint: ``genesis`` (seq 1, zero chain) for a new log,
 ``link`` for the file :meth:`AuditLog.rotate` starts (it continues the chain of the
 renamed file). Rotate with ``hsmkeys audit rotate`` or ``max_bytes``, never with an
@@ -71,8 +76,10 @@ __all__ = [
     "CheckpointKind",
     "CheckpointStore",
     "MacFunction",
+    "audit_log_chains",
     "audit_log_files",
     "verify_audit_logs",
+    "writer_log_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,8 @@ PHASES: Final = frozenset({"intent", "done"})
 _MAX_LINE: Final = 1 << 20
 _TAIL_CHUNK: Final = 1024  # a line is ~400 bytes; grown x4 until one fits
 _ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}\.\d{6}Z")
+# A worker's chain file after the configured name: ".w<n>", perhaps with a rotated suffix.
+_WRITER_FILE: Final = re.compile(r"\.w([2-9]|[1-9]\d+)(\.\d{8}T\d{6}\.\d{6}Z)?")
 
 _EVENT_KEYS: Final = frozenset(
     {
@@ -230,6 +239,39 @@ def _is_hex64(value: object) -> bool:
 
 def _checkpoint_mac(mac: MacFunction, unsigned: dict[str, Any]) -> str:
     return mac(_CHECKPOINT_DOMAIN + _canonical(unsigned).encode("ascii")).hex()
+
+
+def writer_log_path(path: Path, writer: int) -> Path:
+    """The chain file of a server's ``writer``-th worker: ``path`` for the first,
+    ``<path>.w<n>`` for the others. Each worker of a multi-worker server keeps a chain of
+    its own, so no worker waits on another's file lock or re-reads another's lines; each
+    chain has its own checkpoints (in the catalog under its own log id)."""
+    if writer < 1:
+        raise ValueError("writer numbers start at 1")
+    path = Path(path)
+    return path if writer == 1 else path.with_name(f"{path.name}.w{writer}")
+
+
+def audit_log_chains(path: Path, known_log_ids: Sequence[str] = ()) -> list[Path]:
+    """``path`` and its workers' chain files (:func:`writer_log_path`) in writer order:
+    those with a live or a rotated file, and those the checkpoint store knows
+    (``known_log_ids``: resolved paths), so a chain whose files were all deleted is
+    still checked and found missing."""
+    path = Path(path)
+    writers = {1}
+    with contextlib.suppress(FileNotFoundError):
+        for sibling in path.parent.iterdir():
+            if sibling.name.startswith(path.name):
+                found = _WRITER_FILE.fullmatch(sibling.name[len(path.name) :])
+                if found is not None:
+                    writers.add(int(found.group(1)))
+    resolved = str(path.resolve())
+    for log_id in known_log_ids:
+        if log_id.startswith(resolved):
+            found = _WRITER_FILE.fullmatch(log_id[len(resolved) :])
+            if found is not None and found.group(2) is None:
+                writers.add(int(found.group(1)))
+    return [writer_log_path(path, n) for n in sorted(writers)]
 
 
 def audit_log_files(path: Path) -> list[Path]:

@@ -1069,30 +1069,47 @@ def _configured_audit_log(cli: _Cli) -> Path | None:
 
 
 def _cmd_audit_verify(cli: _Cli) -> int:
-    from hsmkeys.audit import audit_log_files, verify_audit_logs
+    """Check the given FILEs as one chain, or every chain of the configured log (the file
+    and its workers' ``<audit_log>.w<n>`` chains, with their rotated files), each against
+    the catalog's checkpoint for it. Exit 1 if any chain is damaged."""
+    from hsmkeys.audit import (
+        AuditVerification,
+        audit_log_chains,
+        audit_log_files,
+        verify_audit_logs,
+    )
+    from hsmkeys.catalog.base import AuditCheckpoint
 
     configured = _configured_audit_log(cli)
-    if cli.args.files:
-        files = [Path(f) for f in cli.args.files]
-    elif configured is not None:
-        files = audit_log_files(configured)
-    else:
+    given = [Path(f) for f in cli.args.files]
+    if not given and configured is None:
         raise InputError("give the audit log FILEs, or set audit_log in the config")
-    # The catalog's checkpoint belongs to the configured log: use it when that log is checked.
-    log_id = str(configured.resolve()) if configured is not None else None
-    use_catalog = log_id is not None and any(str(f.resolve()) == log_id for f in files)
     # Without the audit writer: verifying must not append to (or create) the log it checks.
     opened = cli.opener() if cli.opener is not None else KeyStore.open(cli.settings(), audit=False)
+    checked: list[tuple[Path | None, AuditVerification, AuditCheckpoint | None]] = []
     with opened as store:
-        checkpoint = store.catalog_checkpoint(log_id) if use_catalog and log_id else None
+        known = set(store.catalog_checkpoint_ids())
 
         def mac(data: bytes) -> bytes:
             return store.audit_mac(data, create=False)  # a missing key fails, never made
 
-        result = verify_audit_logs(files, mac, checkpoint=checkpoint)
+        if given:
+            # The catalog's checkpoint of the chain whose live file is among those given.
+            log_id = next((str(f.resolve()) for f in given if str(f.resolve()) in known), None)
+            checkpoint = store.catalog_checkpoint(log_id) if log_id is not None else None
+            checked.append((None, verify_audit_logs(given, mac, checkpoint=checkpoint), checkpoint))
+        else:
+            assert configured is not None
+            for live in audit_log_chains(configured, sorted(known)):
+                log_id = str(live.resolve())
+                checkpoint = store.catalog_checkpoint(log_id) if log_id in known else None
+                result = verify_audit_logs(audit_log_files(live), mac, checkpoint=checkpoint)
+                checked.append((live, result, checkpoint))
+    several = len(checked) > 1
     if cli.as_json:
-        _out_json(
+        entries = [
             {
+                "log": str(chain) if chain is not None else None,
                 "ok": result.ok,
                 "lines": result.lines,
                 "first_bad_line": result.first_bad_line,
@@ -1101,24 +1118,31 @@ def _cmd_audit_verify(cli: _Cli) -> int:
                 "last_checkpoint": result.last_checkpoint,
                 "catalog_checkpoint": checkpoint.sequence if checkpoint is not None else None,
             }
-        )
-    elif result.ok:
-        _out(f"intact: {result.lines} line(s), last checkpoint seq {result.last_checkpoint}")
-        if result.reason != "intact":
-            _out(result.reason)
-    else:
-        where = f"line {result.first_bad_line}" if result.first_bad_line is not None else "file"
-        _out(f"damaged: {result.file} {where}: {result.reason}")
-    return EXIT_OK if result.ok else EXIT_NO
+            for chain, result, checkpoint in checked
+        ]
+        # The first damaged chain (else the first chain) at the top, as for one chain.
+        top = next((e for e in entries if not e["ok"]), entries[0])
+        _out_json({**top, "ok": all(e["ok"] for e in entries), "chains": entries})
+    for chain, result, _ in [] if cli.as_json else checked:
+        prefix = f"{chain}: " if several else ""
+        if result.ok:
+            _out(f"{prefix}intact: {result.lines} line(s), last checkpoint seq {result.last_checkpoint}")
+            if result.reason != "intact":
+                _out(f"{prefix}{result.reason}")
+        else:
+            where = f"line {result.first_bad_line}" if result.first_bad_line is not None else "file"
+            _out(f"{prefix}damaged: {result.file} {where}: {result.reason}")
+    return EXIT_OK if all(result.ok for _, result, _ in checked) else EXIT_NO
 
 
 def _cmd_audit_rotate(cli: _Cli) -> int:
     with cli.store() as store:
-        rotated = store.rotate_audit_log()
+        rotated = store.rotate_audit_logs()
     if cli.as_json:
-        _out_json({"rotated": str(rotated)})
+        _out_json({"rotated": str(rotated[0]), "chains": [str(path) for path in rotated]})
     else:
-        _out(f"rotated: {rotated}; new lines continue its chain in the live file")
+        for path in rotated:
+            _out(f"rotated: {path}; new lines continue its chain in the live file")
     return EXIT_OK
 
 

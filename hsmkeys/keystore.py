@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsmkeys import ciphertext, faultpoints, keyspecs, operations
 from hsmkeys.arns import ArnScope, parse_uuid
-from hsmkeys.audit import AuditEvent, AuditLog
+from hsmkeys.audit import AuditEvent, AuditLog, audit_log_chains
 from hsmkeys.authz import access_denied, compile_policy, decide
 from hsmkeys.authz.model import AuthzRequest, ConditionValue, Principal
 from hsmkeys.call import Call
@@ -490,14 +490,34 @@ class KeyStore:
             return self._hsm.mac(AUDIT_KEY_REF, MacAlgorithm.HMAC_SHA_256, data)
 
     def rotate_audit_log(self) -> Path:
-        """Start a new audit file linked to the current one (``hsmkeys audit rotate``)."""
+        """Start a new audit file linked to the current one."""
         if self._audit is None:
             raise KMSInternalException("no audit log is configured (audit_log in the config)")
         return self._audit.rotate()
 
+    def rotate_audit_logs(self) -> list[Path]:
+        """``hsmkeys audit rotate``: rotate the configured log and each worker chain file
+        beside it (``<audit_log>.w<n>``, see :func:`hsmkeys.audit.writer_log_path`);
+        the rotated names, the configured log's first."""
+        rotated = [self.rotate_audit_log()]
+        assert self._audit is not None
+        for chain in audit_log_chains(self._audit.path)[1:]:
+            if not chain.exists():  # only rotated files left: nothing live to rotate
+                continue
+            other = AuditLog(chain, mac=self.audit_mac, checkpoints=self._catalog)
+            try:
+                rotated.append(other.rotate())
+            finally:
+                other.close()
+        return rotated
+
     def catalog_checkpoint(self, log_id: str) -> AuditCheckpoint | None:
         """The newest audit checkpoint the catalog holds for a log (its resolved path)."""
         return self._catalog.get_audit_checkpoint(log_id)
+
+    def catalog_checkpoint_ids(self) -> list[str]:
+        """The log ids (resolved paths) of every audit chain the catalog holds a checkpoint of."""
+        return self._catalog.list_audit_checkpoint_ids()
 
     # ================================================================ authorization
 

@@ -27,9 +27,9 @@ absolute target (the machine is shared and swings +-30% between runs):
                              the audit writer (serve --ephemeral --no-audit): no target, it
                              shows what the audit line costs   [--server --audit-off-too]
   server_cpu_per_request_2w_vs_1w_noaudit
-                             as server_cpu_per_request_2w_vs_1w for two servers without the
-                             audit writer: no target, it shows what the workers' shared audit
-                             chain (one flock and tail for all) costs   [--server --audit-off-too]
+                             as server_cpu_per_request_2w_vs_1w for servers without the audit
+                             writer: no target, it shows how much of the two-worker excess the
+                             audit writer makes   [--server --audit-off-too]
   server_2workers_vs_1       hsmkeys serve --workers 2 / --workers 1 req/s (no target: the load
                              generator shares the 2 cores)                                [--server]
   server_vs_library          server req/s (--workers W) / in-process KeyStore.encrypt ops/s  [--server]

@@ -265,6 +265,10 @@ class Catalog(Protocol):
     # ------------------------------------------------------------- audit checkpoints
     def get_audit_checkpoint(self, log_id: str) -> AuditCheckpoint | None: ...
 
+    def list_audit_checkpoint_ids(self) -> list[str]:
+        """Every chain with a stored checkpoint (its log id), ordered."""
+        ...
+
     def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         """Store the newest checkpoint of a chain (replaces the previous one)."""
         ...

@@ -1100,7 +1100,7 @@ class PostgresCatalog:
         return _checkpoint_from_row(rows[0]) if rows else None
 
     def list_audit_checkpoint_ids(self) -> list[str]:
-        """Every chain with a stored checkpoint, ordered (for migrate-catalog)."""
+        """Every chain with a stored checkpoint (its log id), ordered."""
         rows = self._fetch(
             "list_audit_checkpoint_ids", "SELECT log_id FROM audit_checkpoints ORDER BY log_id", ()
         )

@@ -1032,6 +1032,13 @@ class SqliteCatalog:
         )
         return _checkpoint_from_row(rows[0]) if rows else None
 
+    def list_audit_checkpoint_ids(self) -> list[str]:
+        """Every chain with a stored checkpoint (its log id), ordered."""
+        rows = self._read(
+            "list_audit_checkpoint_ids", "SELECT log_id FROM audit_checkpoints ORDER BY log_id", ()
+        )
+        return [str(row[0]) for row in rows]
+
     def put_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
         """Store the newest checkpoint of a chain, replacing the previous one."""
         with self._write("put_audit_checkpoint"):

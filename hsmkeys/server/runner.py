@@ -85,6 +85,7 @@ from typing import Any
 
 import uvicorn
 
+from hsmkeys.audit import writer_log_path
 from hsmkeys.config import (
     DEFAULT_ACCOUNT_ID,
     DEFAULT_HOST,
@@ -642,8 +643,15 @@ class _Worker:
 def _worker_main(
     settings: Settings, listener: _Listener, index: int, conn: Connection, parent_pid: int
 ) -> None:
-    """Entry point of a spawned worker process."""
+    """Entry point of a spawned worker process.
+
+    Worker ``index`` (from 0) writes the audit chain ``writer_log_path(audit_log, index + 1)``:
+    the first worker the configured file, the others ``<audit_log>.w<n>``, so workers never
+    contend for one chain (``hsmkeys audit verify`` checks them all).
+    """
     _configure_logging()
+    if settings.audit_log is not None:
+        settings = dataclasses.replace(settings, audit_log=writer_log_path(settings.audit_log, index + 1))
     with _StopSignals() as stop:
         try:
             sock = listener if isinstance(listener, socket.socket) else listener.listen()

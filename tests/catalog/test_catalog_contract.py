@@ -399,6 +399,7 @@ def test_delete_grant_says_whether_it_existed(catalog: Catalog) -> None:
 
 def test_audit_checkpoint_is_stored_and_replaced_per_chain(catalog: Catalog) -> None:
     assert catalog.get_audit_checkpoint("/a.log") is None
+    assert catalog.list_audit_checkpoint_ids() == []
     first = checkpoint("/a.log")
     catalog.put_audit_checkpoint(first)
     catalog.put_audit_checkpoint(checkpoint("/b.log", sequence=1))
@@ -409,6 +410,7 @@ def test_audit_checkpoint_is_stored_and_replaced_per_chain(catalog: Catalog) -> 
     assert catalog.get_audit_checkpoint("/a.log") == newer
     b = catalog.get_audit_checkpoint("/b.log")
     assert b is not None and b.sequence == 1
+    assert catalog.list_audit_checkpoint_ids() == ["/a.log", "/b.log"]  # one id per chain, ordered
 
 
 # ------------------------------------------------------------------ transactions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import time
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from server_harness import RawResponse, ServerProcess, kms_call, send
+
+from hsmkeys.audit import writer_log_path
 
 pytestmark = pytest.mark.server
 
@@ -140,3 +144,26 @@ def test_a_killed_worker_is_replaced(kms_server_two_workers: ServerProcess) -> N
         lambda: kms_call(server, "Encrypt", {"KeyId": key_arn, "Plaintext": "eA=="})
     )
     assert all(r.status == 200 for r in answered.values())
+
+
+def test_each_worker_writes_its_own_audit_chain(kms_server_two_workers: ServerProcess) -> None:
+    server = kms_server_two_workers
+    key_arn = kms_call(server, "CreateKey", {}).json["KeyMetadata"]["Arn"]
+    answered = on_each_worker(lambda: kms_call(server, "Encrypt", {"KeyId": key_arn, "Plaintext": "aGk="}))
+    chains = [server.audit_log, writer_log_path(server.audit_log, 2)]
+    deadline = time.monotonic() + 10
+    while not all(path.exists() for path in chains):
+        assert time.monotonic() < deadline, "a worker's chain file never appeared"
+        time.sleep(0.05)
+    request_ids = {response.headers["x-amzn-requestid"] for response in answered.values()}
+    found: dict[str, Path] = {}
+    for path in chains:
+        lines = path.read_bytes().splitlines(keepends=True)
+        records = [json.loads(line) for line in lines]
+        assert records[0].get("kind") == "genesis"  # a chain of its own from its first line
+        for before, record in zip(lines, records[1:], strict=False):
+            assert record["seq"] == json.loads(before)["seq"] + 1
+            assert record.get("prev", record.get("chain")) == hashlib.sha256(before).hexdigest()
+        found.update({r["request_id"]: path for r in records if r.get("request_id") in request_ids})
+    # Both workers' Encrypts are audited, each in its own worker's chain.
+    assert set(found) == request_ids and set(found.values()) == set(chains)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmkeys.audit import AuditEvent, AuditLog, audit_log_files
+from hsmkeys.audit import AuditEvent, AuditLog, audit_log_chains, audit_log_files, writer_log_path
 from hsmkeys.catalog.sqlite import SqliteCatalog
 from hsmkeys.cli import main
 from hsmkeys.hsm.base import AUDIT_KEY_REF
@@ -123,3 +123,63 @@ def test_audit_rotate_renames_the_log_and_starts_a_linked_file(
     log.close()
     assert len(audit_log_files(setup.log)) == 2
     assert setup.run("audit", "verify") == 0
+
+
+# ------------------------------------------------------------------ one chain per worker
+
+
+def write_chain(setup: Setup, writer: int, events: int = 3) -> Path:
+    """A worker's own chain, as `serve --workers N` writes it (worker n: <audit_log>.w<n>)."""
+    signer = KeyStore(hsm=setup.hsm, catalog=setup.catalog)
+    path = writer_log_path(setup.log, writer)
+    with AuditLog(path, signer.audit_mac, checkpoints=setup.catalog, checkpoint_seconds=3600) as log:
+        for i in range(events):
+            log.record(event(i))
+    return path
+
+
+def test_writer_paths_and_the_chains_found_beside_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    assert writer_log_path(log, 1) == log and writer_log_path(log, 12) == tmp_path / "audit.log.w12"
+    with pytest.raises(ValueError):
+        writer_log_path(log, 0)
+    for name in ("audit.log", "audit.log.w2", "audit.log.w3.20261202T010203.000004Z",
+                 "audit.log.20261202T010203.000004Z", "audit.log.w1", "audit.log.w02", "audit.log.wx",
+                 "audit.log.w5.bak", "other.log.w6"):  # fmt: skip
+        (tmp_path / name).write_text("")
+    known = [str((tmp_path / "audit.log.w7").resolve()), str((tmp_path / "elsewhere.log.w8").resolve())]
+    assert audit_log_chains(log, known) == [log, log.with_name("audit.log.w2"), log.with_name("audit.log.w3"),
+                                            log.with_name("audit.log.w7")]  # fmt: skip
+
+
+def test_audit_verify_checks_every_workers_chain_and_rotate_rotates_them_all(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_log(setup)
+    second = write_chain(setup, 2)
+    assert setup.run("audit", "verify") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[0] for line in out] == [str(setup.log), str(second)]
+    assert all(": intact: " in line for line in out)
+
+    signer = KeyStore(hsm=setup.hsm, catalog=setup.catalog)
+    log = AuditLog(setup.log, signer.audit_mac, checkpoints=setup.catalog, checkpoint_seconds=3600)
+    assert setup.run("audit", "rotate", store=KeyStore(hsm=setup.hsm, catalog=setup.catalog, audit=log)) == 0
+    log.close()
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert len(audit_log_files(second)) == 2  # the worker's chain was rotated too
+    assert setup.run("--json", "audit", "verify") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and [c["log"] for c in report["chains"]] == [str(setup.log), str(second)]
+
+
+def test_a_deleted_workers_chain_is_found_missing_from_the_catalogs_checkpoint(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_log(setup)
+    second = write_chain(setup, 2)
+    second.unlink()  # every file of the chain: only the catalog still knows it
+    assert setup.run("audit", "verify") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{setup.log}: intact: ")
+    assert out[1].startswith(f"{second}: damaged: ") and "missing" in out[1]

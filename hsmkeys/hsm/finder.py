@@ -27,6 +27,7 @@ calls. An object destroyed between the search and its attribute read is left out
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ import pkcs11.exceptions as ckr
 from pkcs11 import Attribute, ObjectClass, _pkcs11
 from pkcs11.attributes import AttributeMapper
 from pkcs11.types import Object
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FunctionList", "ObjectFinder", "function_list"]
 
@@ -367,6 +370,12 @@ class ObjectFinder:
             try:
                 found = self.read(session, handle, [k for k, _ in _PREFETCH], partial=True)
             except (ckr.ObjectHandleInvalid, ckr.KeyHandleInvalid):
+                return None
+            except ckr.AttributeValueInvalid:
+                # An object whose file a killed writer left torn: SoftHSM2 answers every read
+                # of it so. Left out (a search, a full pass, doctor still work); not destroyed,
+                # as its owner cannot be known.
+                log.warning("hsm_object_unreadable handle=%d ckr=AttributeValueInvalid", handle)
                 return None
             return {int(k): v for k, v in found.items()}
         unpack = self._mapper.unpack_attributes

@@ -176,6 +176,28 @@ def test_an_object_destroyed_after_the_search_is_left_out(
     assert sorted(o[Attribute.LABEL] for o in left) == ["finder-gone-0", "finder-gone-2"]
 
 
+def test_an_object_every_read_of_which_fails_is_left_out(
+    softhsm_token: SoftHsmToken, raw_session: Session
+) -> None:
+    """A key file torn by a SIGKILLed writer: SoftHSM2 answered each C_GetAttributeValue of
+    it CKR_ATTRIBUTE_VALUE_INVALID (seen in CI under the crash harness), which failed the
+    whole pass, so doctor could not run. The search leaves such an object out."""
+    finder = ObjectFinder(softhsm_token.module)  # its own: the read is wrapped below
+    object_id = unique_id()
+    for n in range(3):
+        raw_session.generate_key(KeyType.AES, 256, id=object_id, label=f"finder-torn-{n}", store=False)
+    handles = finder._handles(raw_session, {Attribute.ID: object_id})
+    torn = handles[1]
+    real = finder._get_attribute_value
+
+    def read(session: int, handle: int, template: object, count: int) -> int:
+        return 0x13 if handle == torn else int(real(session, handle, template, count))  # CKR_ATTRIBUTE_VALUE_INVALID
+
+    finder._get_attribute_value = read  # type: ignore[method-assign,assignment]
+    left = finder._built(raw_session, handles)
+    assert sorted(o[Attribute.LABEL] for o in left) == ["finder-torn-0", "finder-torn-2"]
+
+
 def test_destroy_through_a_found_object(finder: ObjectFinder, raw_session: Session) -> None:
     object_id = unique_id()
     raw_session.generate_key(KeyType.AES, 256, id=object_id, label="finder-destroy", store=False)

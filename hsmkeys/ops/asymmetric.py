@@ -73,8 +73,6 @@ MAX_SIGNATURE = 6144  # Verify Signature and VerifyMac Mac (CiphertextType)
 MAX_PEER_PUBLIC_KEY = 8192  # DeriveSharedSecret PublicKey (PublicKeyType)
 
 
-# Values in KMS's own enums that hsmkeys does not implement: KMS accepts them as
-# parameters and then refuses them for the key, so they are not ValidationExceptions.
 _PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 

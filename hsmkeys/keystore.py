@@ -41,11 +41,12 @@ from hsmkeys.audit import AuditEvent, AuditLog, audit_log_chains
 from hsmkeys.authz import access_denied, compile_policy, decide
 from hsmkeys.authz.model import AuthzRequest, ConditionValue, Principal
 from hsmkeys.call import Call
-from hsmkeys.catalog.base import AuditCheckpoint, Catalog, KeyRecord
+from hsmkeys.catalog.base import AuditCheckpoint, Catalog, GrantRecord, KeyRecord
 from hsmkeys.clock import Clock, SystemClock
 from hsmkeys.config import Settings
 from hsmkeys.context import current_call
 from hsmkeys.errors import (
+    AccessDeniedException,
     AlreadyExistsException,
     DisabledException,
     IncorrectKeyException,
@@ -72,7 +73,7 @@ from hsmkeys.models import (
     RotationType,
     Tag,
 )
-from hsmkeys.operations import KeyRole, Operation
+from hsmkeys.operations import CONDITION_DEFAULTS, KeyRole, Operation
 from hsmkeys.ops import managed
 from hsmkeys.ops.grants import check_tokens
 from hsmkeys.usage import (
@@ -177,6 +178,7 @@ class KeyStore:
         self._default_policy = default_key_policy(account_id)
         self._allowed: dict[tuple[object, ...], str] = {}  # policy-based allows, see _memo_key
         self._arns: dict[uuid.UUID, str] = {}
+        self._foreign_callers: dict[str, bool] = {}  # principal ARN -> of another account
         self._key_ids: dict[str, uuid.UUID] = {}  # key id / key ARN text -> UUID, see _key
         self._public_keys: dict[KeyVersionRef, CachedPublicKey] = {}
         self._rejections: dict[str | None, tuple[float, int, str, str]] = {}
@@ -572,6 +574,9 @@ class KeyStore:
         for member, name in call.op.conditions:
             value = call.args.get(member)
             if value is None:
+                default = CONDITION_DEFAULTS.get(name)
+                if default is not None and name not in cond:  # the parameter's default
+                    cond[name] = default
                 continue
             if isinstance(value, bool | int | str):
                 cond[name] = value
@@ -600,6 +605,13 @@ class KeyStore:
             return
         policy_text = (key.policy or self._default_policy) if key is not None else None
         arn = self._arn(key.key_uuid) if key is not None else "*"
+        if not call.op.cross_account and self._foreign(principal):
+            # "Cross-account use: No": no policy of this account can let another in.
+            call.decisions.append("deny cross-account")
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: {role.action} on resource: "
+                f"{resource or arn} because {call.op.name} cannot be used across accounts"
+            )
         memo_key = self._memo_key(call, principal, role, policy_text, resource or arn, request_alias)
         if memo_key is not None:
             remembered = self._allowed.get(memo_key)
@@ -656,6 +668,46 @@ class KeyStore:
             self._allowed[memo_key] = recorded
         call.authorized = True
 
+    def _authorize_retire(self, call: Call, key: KeyRecord, grant: GrantRecord) -> None:
+        """RetireGrant as KMS documents it: allowed to the grant's retiring principal, to its
+        grantee when the grant lists RetireGrant, and to principals of the account that
+        created the grant (its root, or an identity policy delegating kms:RetireGrant).
+        The key policy plays no part ("The kms:RetireGrant permission is not effective in
+        a key policy"); an identity policy's Deny of kms:RetireGrant refuses even a party."""
+        principal = call.principal
+        if principal is None:
+            return
+        request = AuthzRequest(
+            principal,
+            "kms:RetireGrant",
+            self._arn(key.key_uuid),
+            self._scope.account_id,
+            self._base_conditions(call, principal),
+            None,
+            None,
+        )
+        decision = decide(request, key_policy=None)  # the identity policy (or account root) alone
+        party = principal.arn == grant.retiring_principal or (
+            principal.arn == grant.grantee_principal and "RetireGrant" in grant.operations
+        )
+        issuer = decision.allowed and principal.account == grant.issuing_account
+        allowed = not decision.explicit_deny and (party or issuer)
+        call.decisions.append(
+            ("allow " if allowed else "deny ") + ("retiring-party" if party and allowed else decision.by)
+        )
+        if not allowed:
+            raise access_denied(request, decision)
+        call.authorized = True
+
+    def _foreign(self, principal: Principal) -> bool:
+        """Whether the caller belongs to another account than this store's (remembered per ARN)."""
+        foreign = self._foreign_callers.get(principal.arn)
+        if foreign is None:
+            if len(self._foreign_callers) >= 65536:
+                self._foreign_callers.clear()
+            foreign = self._foreign_callers[principal.arn] = principal.account != self._scope.account_id
+        return foreign
+
     def _key(
         self, call: Call, key_id: object, role: int | KeyRole = 0, *, alias_ok: bool = True
     ) -> KeyRecord:
@@ -666,6 +718,11 @@ class KeyStore:
         """
         chosen = call.op.keys[role] if isinstance(role, int) else role
         alias = None
+        principal = call.principal
+        if principal is not None and self._foreign(principal) and not (type(key_id) is str and key_id.startswith("arn:")):
+            # Another account names this account's keys by key or alias ARN; a bare id or
+            # alias name means a key of its own account, which this store does not hold.
+            raise NotFoundException(f"Key '{key_id}' does not exist in the caller's account")
         # A key id or key ARN this store has parsed before (never an alias: those move).
         known = self._key_ids.get(key_id) if type(key_id) is str else None
         if known is not None:

@@ -63,7 +63,18 @@ class KeyRole:
 class Operation(Generic[P, R]):
     """One KMS operation; as a class attribute of KeyStore, its public method."""
 
-    __slots__ = ("action", "attr", "conditions", "impl", "keyless_role", "keys", "mutating", "name", "slow")
+    __slots__ = (
+        "action",
+        "attr",
+        "conditions",
+        "cross_account",
+        "impl",
+        "keyless_role",
+        "keys",
+        "mutating",
+        "name",
+        "slow",
+    )
 
     def __init__(
         self,
@@ -83,6 +94,9 @@ class Operation(Generic[P, R]):
         self.keys = keys  # empty: the operation names no key (decided by identity policy on "*")
         self.mutating = mutating
         self.conditions = conditions  # (request member, condition key) pairs
+        # "Cross-account use: Yes" in the operation's API reference: a principal of another
+        # account may call it on this account's keys (its policies permitting).
+        self.cross_account = name in CROSS_ACCOUNT_OPERATIONS
         self.keyless_role = KeyRole(self.action, member=None)
         self.attr: str | None = None  # the KeyStore attribute naming it (set by __set_name__)
 
@@ -125,6 +139,45 @@ def _bound(store: KeyStore, op: Operation[P, R]) -> Callable[P, R]:
     functools.update_wrapper(call, op.impl)
     return call
 
+
+#: The operations whose API reference says "Cross-account use: Yes" (plus
+#: ListRetirableGrants, which lists a retiring principal's grants on any account's keys).
+#: Any other operation refuses a principal of another account, whatever the policies say.
+CROSS_ACCOUNT_OPERATIONS: frozenset[str] = frozenset(
+    {
+        "CreateGrant",
+        "Decrypt",
+        "DeriveSharedSecret",
+        "DescribeKey",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateMac",
+        "GetKeyRotationStatus",
+        "GetPublicKey",
+        "ListGrants",
+        "ListRetirableGrants",
+        "ReEncrypt",
+        "RetireGrant",
+        "RevokeGrant",
+        "Sign",
+        "Verify",
+        "VerifyMac",
+    }
+)
+
+#: A condition key's value when the request leaves its member out: KMS evaluates the
+#: parameter's default ("This type of condition works even when the parameter doesn't
+#: appear in the request, such as when you use the parameter's default value").
+CONDITION_DEFAULTS: Mapping[str, str] = {
+    "kms:KeySpec": "SYMMETRIC_DEFAULT",
+    "kms:KeyUsage": "ENCRYPT_DECRYPT",
+    "kms:KeyOrigin": "AWS_KMS",
+    "kms:EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    "kms:MessageType": "RAW",
+}
 
 _ENC = "encryption_context"
 _ENC_ALG = (("encryption_algorithm", "kms:EncryptionAlgorithm"),)

@@ -338,7 +338,8 @@ def retire_grant(
     dry_run: bool = False,
 ) -> None:
     """Retire by token, or by key + grant id, as the retiring principal, the grantee (when
-    the grant lists RetireGrant), or a principal the key's policies allow kms:RetireGrant."""
+    the grant lists RetireGrant), or a principal of the account that created the grant
+    (see KeyStore._authorize_retire)."""
     if grant_token is not None:
         check_str("grantToken", grant_token, min_len=1, max_len=8192)
         key_uuid, wanted = parse_token(grant_token)
@@ -352,13 +353,7 @@ def retire_grant(
         grant = ks._catalog.get_grant(key.key_uuid, wanted)
         if grant is None:
             raise NotFoundException(f"Grant {wanted} does not exist for key {ks._arn(key.key_uuid)}.")
-        principal = call.principal
-        if principal is not None and not (
-            principal.arn == grant.retiring_principal
-            or (principal.arn == grant.grantee_principal and "RetireGrant" in grant.operations)
-        ):
-            ks._authorize(call, key, call.op.keys[0])
-        call.authorized = True
+        ks._authorize_retire(call, key, grant)
         if dry_run:
             raise dry_run_error(call.op.name)
         ks._catalog.delete_grant(grant.grant_id)

@@ -246,6 +246,61 @@ def test_cross_account_needs_the_key_policy_and_the_callers_identity_policy(stor
         store.encrypt(key_id=closed, plaintext=b"x")
 
 
+def test_another_account_uses_keys_only_where_kms_allows_cross_account_use(store: KeyStore) -> None:
+    arn = _key(store, _policy({"Sid": "Partner", "Effect": "Allow", "Principal": {"AWS": OTHER},
+                               "Action": "kms:*", "Resource": "*"}))  # fmt: skip
+    partner = Principal(PARTNER, identity_policy=_identity(ALLOW_ALL))
+    key_id = arn.rsplit("/", 1)[1]
+    with as_caller(store, partner):
+        assert store.encrypt(key_id=arn, plaintext=b"x").key_id == arn  # "Cross-account use: Yes"
+        assert store.describe_key(key_id=arn).key_metadata.arn == arn
+        with pytest.raises(NotFoundException):  # a bare id names a key of the caller's own account
+            store.encrypt(key_id=key_id, plaintext=b"x")
+        refused: list[Callable[[], object]] = [  # "Cross-account use: No", whatever the policies say
+            lambda: store.disable_key(key_id=arn),
+            lambda: store.schedule_key_deletion(key_id=arn, pending_window_in_days=7),
+            lambda: store.put_key_policy(key_id=arn, policy=_policy(), policy_name="default"),
+            lambda: store.tag_resource(key_id=arn, tags=[{"TagKey": "t", "TagValue": "v"}]),
+            lambda: store.update_key_description(key_id=arn, description="mine now"),
+            lambda: store.create_alias(alias_name="alias/partner", target_key_id=arn),
+            lambda: store.create_key(),
+            lambda: store.list_keys(),
+        ]
+        for call in refused:
+            with pytest.raises(AccessDeniedException, match="cannot be used across accounts"):
+                call()
+    assert store.describe_key(key_id=arn).key_metadata.enabled  # nothing changed
+
+
+def test_the_cross_account_table_is_what_the_api_reference_says() -> None:
+    import re
+
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("kms")
+    documented = {
+        name
+        for name in OPERATIONS
+        if re.search(r"Cross-account use:\s*Yes", re.sub(r"<[^>]+>", "", model.operation_model(name).documentation))
+    }
+    assert {name for name, op in OPERATIONS.items() if op.cross_account} == documented | {"ListRetirableGrants"}
+
+
+def test_a_condition_on_a_parameter_left_at_its_default_sees_the_default(store: KeyStore) -> None:
+    only_symmetric = Principal(APP, identity_policy=_identity({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "kms:CreateKey", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:KeySpec": "SYMMETRIC_DEFAULT", "kms:KeyUsage": "ENCRYPT_DECRYPT"}}}]}))  # fmt: skip
+    with as_caller(store, only_symmetric):
+        store.create_key()  # no KeySpec, no KeyUsage: their defaults meet the condition
+        with pytest.raises(AccessDeniedException):
+            store.create_key(key_spec="HMAC_256", key_usage="GENERATE_VERIFY_MAC")
+    arn = _key(store, _policy({"Sid": "App", "Effect": "Allow", "Principal": {"AWS": APP}, "Action": "kms:Encrypt",
+                               "Resource": "*",
+                               "Condition": {"StringEquals": {"kms:EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}}}))  # fmt: skip
+    with as_caller(store, APP):
+        store.encrypt(key_id=arn, plaintext=b"x")  # EncryptionAlgorithm left out: SYMMETRIC_DEFAULT
+
+
 # ------------------------------------------------------------------ grants
 
 
@@ -622,3 +677,36 @@ def test_dry_run_modifiers_on_the_wire(store: KeyStore) -> None:
     kms.call("DisableKey", {"KeyId": key})
     assert code("Decrypt", {"KeyId": key, **dry}) == "DisabledException"
     assert code("ReEncrypt", {"SourceKeyId": key, "DestinationKeyId": key, **dry}) == "DisabledException"
+
+
+# ------------------------------------------------------------------ RetireGrant
+
+
+def test_retire_grant_follows_the_documented_rules_not_the_key_policy(store: KeyStore) -> None:
+    arn = _key(store, _policy({"Sid": "AppRetires", "Effect": "Allow", "Principal": {"AWS": APP},
+                               "Action": "kms:RetireGrant", "Resource": "*"}))  # fmt: skip
+
+    def grant(**kwargs: Any) -> str:
+        with as_caller(store, ADMIN):
+            made = store.create_grant(key_id=arn, grantee_principal=BYSTANDER, operations=["Decrypt"], **kwargs)
+        return made.grant_id
+
+    first = grant()
+    with as_caller(store, APP), pytest.raises(AccessDeniedException):  # "not effective in a key policy"
+        store.retire_grant(key_id=arn, grant_id=first)
+    with as_caller(store, ROOT):  # "the AWS account in which the grant was created can retire the grant"
+        store.retire_grant(key_id=arn, grant_id=first)
+    second = grant()
+    with as_caller(store, ADMIN):  # an identity policy of that account delegating kms:RetireGrant
+        store.retire_grant(key_id=arn, grant_id=second)
+    third = grant(retiring_principal=BYSTANDER)
+    no_retiring = Principal(BYSTANDER, identity_policy=_identity({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Action": "kms:RetireGrant", "Resource": "*"}]}))  # fmt: skip
+    with as_caller(store, no_retiring), pytest.raises(AccessDeniedException):  # a Deny refuses even a party
+        store.retire_grant(key_id=arn, grant_id=third)
+    with as_caller(store, BYSTANDER):  # the retiring principal itself
+        store.retire_grant(key_id=arn, grant_id=third)
+    partner_root = Principal(f"arn:aws:iam::{OTHER}:root")
+    fourth = grant()
+    with as_caller(store, partner_root), pytest.raises(AccessDeniedException):  # another account's root is no issuer
+        store.retire_grant(key_id=arn, grant_id=fourth)

@@ -312,7 +312,8 @@ class KeyStore:
             if "grant_tokens" in args:
                 check_tokens(args["grant_tokens"])
             if not op.keys:
-                self._authorize(call, None, op.keyless_role)
+                named = args.get(op.resource_member) if op.resource_member is not None else None
+                self._authorize(call, None, op.keyless_role, resource=named if isinstance(named, str) else None)
             result = op.impl(self, call, **args)
             if not call.authorized:  # an implementation that never asked: a bug, fail closed
                 log.error("event=unauthorized_operation operation=%s", op.name)

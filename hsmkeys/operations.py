@@ -73,6 +73,7 @@ class Operation(Generic[P, R]):
         "keys",
         "mutating",
         "name",
+        "resource_member",
         "slow",
     )
 
@@ -86,6 +87,7 @@ class Operation(Generic[P, R]):
         mutating: bool = False,
         conditions: tuple[tuple[str, str], ...] = (),
         slow: bool = False,
+        resource_member: str | None = None,
     ) -> None:
         self.name = name
         self.impl = impl
@@ -98,6 +100,9 @@ class Operation(Generic[P, R]):
         # account may call it on this account's keys (its policies permitting).
         self.cross_account = name in CROSS_ACCOUNT_OPERATIONS
         self.keyless_role = KeyRole(self.action, member=None)
+        # An operation naming no key: the request member whose value is the authorized
+        # resource (ListRetirableGrants: the retiring principal), else "*".
+        self.resource_member = resource_member
         self.attr: str | None = None  # the KeyStore attribute naming it (set by __set_name__)
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
@@ -386,7 +391,9 @@ RETIRE_GRANT = Operation(
     keys=(_role("kms:RetireGrant", member=None),),
     mutating=True,
 )
-LIST_RETIRABLE_GRANTS = Operation("ListRetirableGrants", grants.list_retirable_grants)
+LIST_RETIRABLE_GRANTS = Operation(
+    "ListRetirableGrants", grants.list_retirable_grants, resource_member="retiring_principal"
+)
 
 # ---------------------------------------------------------------- imported key material
 GET_PARAMETERS_FOR_IMPORT = _keyed(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from hsmkeys import faultpoints
 from hsmkeys.authz import GRANT_OPERATIONS
+from hsmkeys.authz.model import Principal
 from hsmkeys.catalog.base import GrantRecord, KeyRecord
 from hsmkeys.errors import (
     AccessDeniedException,
@@ -319,6 +320,13 @@ def list_retirable_grants(
     if retiring_principal is None:
         raise ValidationException("RetiringPrincipal is required.")
     principal = _check_principal("retiringPrincipal", retiring_principal)
+    caller = call.principal
+    if caller is not None and caller.account != Principal(principal).account and caller.account != principal:
+        # "You must specify a principal in your Amazon Web Services account."
+        raise AccessDeniedException(
+            f"User: {caller.arn} is not authorized to perform: kms:ListRetirableGrants on resource: "
+            f"{principal} because the retiring principal is not in the caller's account"
+        )
     if marker is not None:
         check_str("marker", marker, min_len=1, max_len=1024)
         if not _GRANT_ID.match(marker):

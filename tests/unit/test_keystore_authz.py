@@ -710,3 +710,21 @@ def test_retire_grant_follows_the_documented_rules_not_the_key_policy(store: Key
     fourth = grant()
     with as_caller(store, partner_root), pytest.raises(AccessDeniedException):  # another account's root is no issuer
         store.retire_grant(key_id=arn, grant_id=fourth)
+
+
+def test_list_retirable_grants_authorizes_the_retiring_principal_of_the_callers_account(store: KeyStore) -> None:
+    arn = _key(store)
+    with as_caller(store, ADMIN):
+        store.create_grant(key_id=arn, grantee_principal=APP, retiring_principal=BYSTANDER, operations=["Encrypt"])
+        with pytest.raises(AccessDeniedException):  # "You must specify a principal in your account"
+            store.list_retirable_grants(retiring_principal=PARTNER)
+    # "The authorized resource in ListRetirableGrants calls is the retiring principal"
+    for_bystander = Principal(APP, identity_policy=_identity({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "kms:ListRetirableGrants", "Resource": BYSTANDER}]}))  # fmt: skip
+    with as_caller(store, for_bystander):
+        assert len(store.list_retirable_grants(retiring_principal=BYSTANDER).grants) == 1
+        with pytest.raises(AccessDeniedException):
+            store.list_retirable_grants(retiring_principal=ROOT)
+    partner = Principal(PARTNER, identity_policy=_identity(ALLOW_ALL))
+    with as_caller(store, partner), pytest.raises(AccessDeniedException):
+        store.list_retirable_grants(retiring_principal=BYSTANDER)

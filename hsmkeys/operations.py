@@ -32,6 +32,7 @@ import hsmkeys.ops.rotation as rotation
 import hsmkeys.ops.symmetric as symmetric
 import hsmkeys.ops.tags as tags
 import hsmkeys.ops.usage as usage
+from hsmkeys.usage import TRACKED_OPERATIONS
 
 if TYPE_CHECKING:
     from hsmkeys.call import Call
@@ -148,30 +149,16 @@ def _bound(store: KeyStore, op: Operation[P, R]) -> Callable[P, R]:
 #: The operations whose API reference says "Cross-account use: Yes" (plus
 #: ListRetirableGrants, which lists a retiring principal's grants on any account's keys).
 #: Any other operation refuses a principal of another account, whatever the policies say.
-CROSS_ACCOUNT_OPERATIONS: frozenset[str] = frozenset(
-    {
-        "CreateGrant",
-        "Decrypt",
-        "DeriveSharedSecret",
-        "DescribeKey",
-        "Encrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyPair",
-        "GenerateDataKeyPairWithoutPlaintext",
-        "GenerateDataKeyWithoutPlaintext",
-        "GenerateMac",
-        "GetKeyRotationStatus",
-        "GetPublicKey",
-        "ListGrants",
-        "ListRetirableGrants",
-        "ReEncrypt",
-        "RetireGrant",
-        "RevokeGrant",
-        "Sign",
-        "Verify",
-        "VerifyMac",
-    }
-)
+CROSS_ACCOUNT_OPERATIONS: frozenset[str] = TRACKED_OPERATIONS | {  # the cryptographic operations
+    "CreateGrant",
+    "DescribeKey",
+    "GetKeyRotationStatus",
+    "GetPublicKey",
+    "ListGrants",
+    "ListRetirableGrants",
+    "RetireGrant",
+    "RevokeGrant",
+}
 
 #: A condition key's value when the request leaves its member out: KMS evaluates the
 #: parameter's default ("This type of condition works even when the parameter doesn't

@@ -75,6 +75,7 @@ from hsmkeys.models import (
 )
 from hsmkeys.operations import CONDITION_DEFAULTS, KeyRole, Operation
 from hsmkeys.ops import managed
+from hsmkeys.ops.common import current_key_material_id
 from hsmkeys.ops.grants import check_tokens
 from hsmkeys.usage import (
     COUNTED_OPERATIONS,
@@ -816,16 +817,12 @@ class KeyStore:
             )
 
     def _metadata(self, key: KeyRecord) -> KeyMetadata:
-        from hsmkeys.ops.common import key_material_id
-
-        # CurrentKeyMaterialId: symmetric encryption keys that have key material. An
-        # EXTERNAL key has none while PendingImport, nor when scheduled for deletion from
-        # there: ImportKeyMaterial sets its ExpirationModel and removing the material clears it.
-        material_id = None
-        if key.spec is KeySpec.SYMMETRIC_DEFAULT and key.state is not KeyState.PENDING_IMPORT and (
+        # CurrentKeyMaterialId: only a key that has material. An EXTERNAL key has none while
+        # PendingImport, nor when scheduled for deletion from there: ImportKeyMaterial sets
+        # its ExpirationModel and removing the material clears it.
+        has_material = key.state is not KeyState.PENDING_IMPORT and (
             key.origin is not Origin.EXTERNAL or key.expiration_model is not None
-        ):
-            material_id = key_material_id(KeyVersionRef(key.key_uuid, key.current_version))
+        )
         return KeyMetadata(
             aws_account_id=self._scope.account_id,
             key_id=str(key.key_uuid),
@@ -848,7 +845,7 @@ class KeyStore:
             key_agreement_algorithms=keyspecs.key_agreement_algorithms(key.spec, key.usage),
             valid_to=key.valid_to,
             expiration_model=key.expiration_model,
-            current_key_material_id=material_id,
+            current_key_material_id=current_key_material_id(key) if has_material else None,
             current_version=key.current_version,
         )
 

@@ -116,3 +116,11 @@ def tag_map(tags: Iterable[Tag | Mapping[str, str]] | None) -> dict[str, str]:
 
 def key_material_id(ref: KeyVersionRef) -> str:
     return hashlib.sha256(ref.object_id).hexdigest()
+
+
+def current_key_material_id(key: KeyRecord) -> str | None:
+    """The id of the key's current version's material; KMS gives key material ids to
+    symmetric encryption keys only (None for any other)."""
+    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
+        return None
+    return key_material_id(KeyVersionRef(key.key_uuid, key.current_version))

@@ -56,7 +56,7 @@ from hsmkeys.models import (
     MacAlgorithm,
     Origin,
 )
-from hsmkeys.ops.common import key_material_id
+from hsmkeys.ops.common import current_key_material_id
 from hsmkeys.validation import check_bytes, check_str
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def import_key_material(
     faultpoints.reached("import.committed")
     ks._hsm.destroy_wrapping_key(wrapping)  # one import per set of parameters
     call.used(ks._arn(key.key_uuid), key.current_version)
-    return ImportKeyMaterialResult(ks._arn(key.key_uuid), _material_id(key))
+    return ImportKeyMaterialResult(ks._arn(key.key_uuid), current_key_material_id(key))
 
 
 def delete_imported_key_material(ks: KeyStore, call: Call, *, key_id: str) -> DeleteImportedKeyMaterialResult:
@@ -226,15 +226,9 @@ def delete_imported_key_material(ks: KeyStore, call: Call, *, key_id: str) -> De
     _external(ks, key, "DeleteImportedKeyMaterial")
     had_material = remove_material(ks, key)
     call.used(ks._arn(key.key_uuid), None)
-    return DeleteImportedKeyMaterialResult(ks._arn(key.key_uuid), _material_id(key) if had_material else None)
-
-
-def _material_id(key: KeyRecord) -> str | None:
-    """The id of an EXTERNAL key's material (the one ListKeyRotations and DescribeKey's
-    CurrentKeyMaterialId show); KMS gives key material ids to symmetric encryption keys only."""
-    if key.spec is not KeySpec.SYMMETRIC_DEFAULT:
-        return None
-    return key_material_id(KeyVersionRef(key.key_uuid, key.current_version))
+    return DeleteImportedKeyMaterialResult(
+        ks._arn(key.key_uuid), current_key_material_id(key) if had_material else None
+    )
 
 
 def remove_material(ks: KeyStore, key: KeyRecord) -> bool:

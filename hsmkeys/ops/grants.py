@@ -321,7 +321,8 @@ def list_retirable_grants(
         raise ValidationException("RetiringPrincipal is required.")
     principal = _check_principal("retiringPrincipal", retiring_principal)
     caller = call.principal
-    if caller is not None and caller.account != Principal(principal).account and caller.account != principal:
+    owner = principal if principal.isdigit() else Principal(principal).account  # an account id, or an ARN's
+    if caller is not None and caller.account != owner:
         # "You must specify a principal in your Amazon Web Services account."
         raise AccessDeniedException(
             f"User: {caller.arn} is not authorized to perform: kms:ListRetirableGrants on resource: "

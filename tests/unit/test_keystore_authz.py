@@ -647,6 +647,8 @@ def test_a_dry_run_ignoring_the_ciphertext_checks_the_callers_permission_on_the_
             store.decrypt(key_id=arn, dry_run=True, dry_run_modifiers=IGNORE)
         with pytest.raises(AccessDeniedException):
             store.decrypt(key_id=other, dry_run=True, dry_run_modifiers=IGNORE)
+        with pytest.raises(ValidationException):  # a list of modifiers, not one string
+            store.decrypt(key_id=arn, dry_run=True, dry_run_modifiers="IGNORE_CIPHERTEXT")  # type: ignore[arg-type]
         with pytest.raises(DryRunOperationException):
             store.re_encrypt(source_key_id=arn, destination_key_id=arn, dry_run=True, dry_run_modifiers=IGNORE)
         for source, destination in ((arn, other), (other, arn)):
